@@ -1,0 +1,198 @@
+"""The causal-LM loss: one shift, flatten, cross-entropy, one normalization.
+
+Label convention (see docs/concepts.md): ``labels[b, t]`` is the token at position ``t`` (aligned with
+``input_ids``) or ``ignore_index`` where position ``t`` is not trained. The logits at position ``t``
+predict the token at ``t + 1``, so the loss pairs ``logits[b, t]`` with ``labels[b, t + 1]``.
+
+The shift is applied to the *labels* (pad one ``ignore_index`` column on the right, drop the first
+column), never to the logits: ``logits[..., :-1, :].contiguous()`` copies the largest tensor of the
+training step, while shifting the labels copies a ``[batch, seq]`` integer tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+Reduction = Literal["mean", "sum", "none"]
+
+__all__ = [
+    "IGNORE_INDEX",
+    "causal_lm_loss",
+    "shift_labels",
+    "count_trained_tokens",
+    "count_correct_tokens",
+    "reduce_token_losses",
+    "validate_labels",
+]
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Return the next-token targets aligned with the logits: ``out[..., t] = labels[..., t + 1]``.
+
+    Args:
+        labels: ``[batch, seq]`` (or ``[seq]``) integer labels aligned with ``input_ids``.
+
+    Returns:
+        A tensor of the same shape; the last column is ``ignore_index`` (the last position has no
+        next token to predict).
+    """
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+def count_trained_tokens(
+    labels: torch.Tensor, *, shift: bool = True, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """Number of positions the loss trains (a 0-dim int64 tensor, no host sync).
+
+    With ``shift=True`` the first label of every row is never a target, so it is not counted.
+    """
+    targets = labels[..., 1:] if shift else labels
+    return (targets != ignore_index).sum()
+
+
+def validate_labels(targets: torch.Tensor, vocab_size: int, ignore_index: int = IGNORE_INDEX) -> None:
+    """Raise ``ValueError`` naming the first target outside ``[0, vocab_size)`` other than ``ignore_index``.
+
+    Runs before the cross-entropy so that a bad label is a readable error instead of a CUDA
+    device-side assert. It costs one host sync (``.any()``).
+    """
+    invalid = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+    if bool(invalid.any()):
+        position = tuple(int(i) for i in invalid.nonzero()[0].tolist())
+        value = int(targets[position])
+        raise ValueError(
+            f"label {value} at position {position} (of labels shaped {tuple(targets.shape)}) is outside "
+            f"[0, {vocab_size}) and is not ignore_index={ignore_index}. Labels must be token ids of a "
+            f"vocabulary of {vocab_size} (check that the tokenizer matches the model, and resize the "
+            f"embeddings after adding tokens) or {ignore_index} for untrained positions."
+        )
+
+
+def reduce_token_losses(
+    token_losses: torch.Tensor,
+    trained: torch.Tensor,
+    reduction: Reduction,
+    num_items_in_batch: torch.Tensor | int | float | None,
+) -> torch.Tensor:
+    """Apply a reduction to per-position losses that are already 0 where not trained.
+
+    ``mean`` divides the sum by ``num_items_in_batch`` when given (the trained tokens of the whole
+    optimizer step), else by the number of trained positions here. A denominator of 0 means there is
+    nothing to train: the sum is then 0 and so is the loss (never 0/0 = NaN).
+    """
+    if reduction == "none":
+        return token_losses
+    total = token_losses.sum()
+    if reduction == "sum":
+        return total
+    if num_items_in_batch is None:
+        denominator = trained.sum()
+    elif torch.is_tensor(num_items_in_batch):
+        denominator = num_items_in_batch.to(device=total.device)
+    else:
+        denominator = torch.tensor(float(num_items_in_batch), device=total.device)
+    return total / denominator.clamp(min=1).to(total.dtype)
+
+
+def _check_reduction(reduction: str, label_smoothing: float, z_loss: float) -> None:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if z_loss < 0.0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+
+
+def causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    shift: bool = True,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: Reduction = "mean",
+    num_items_in_batch: torch.Tensor | int | float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+) -> torch.Tensor:
+    """Next-token cross-entropy over the trained tokens.
+
+    Args:
+        logits: ``[batch, seq, vocab]`` (or any ``[..., vocab]``), any floating dtype; the math runs in
+            float32.
+        labels: ``[batch, seq]``, aligned with ``input_ids`` when ``shift=True``; already the targets of
+            each position when ``shift=False`` (plain token-level cross-entropy, or pre-shifted
+            ``shift_labels`` from a context-parallel caller). Moved to the logits' device.
+        shift: pair ``logits[..., t, :]`` with ``labels[..., t + 1]``.
+        ignore_index: label value of untrained positions.
+        reduction: ``"mean"`` (sum / ``num_items_in_batch`` or / trained tokens), ``"sum"``, or
+            ``"none"`` (a loss per position, shaped like ``labels``, 0 where not trained).
+        num_items_in_batch: denominator of ``"mean"``: the trained tokens of the whole optimizer step,
+            over all micro-batches and ranks, so that gradient accumulation and data parallelism give
+            the update of one big batch.
+        label_smoothing: as ``torch.nn.functional.cross_entropy``:
+            ``(1 - eps) * nll + eps * mean_v(-log p_v)``.
+        z_loss: weight of ``logsumexp(logits) ** 2`` added per trained token (PaLM's z-loss), reduced
+            like the cross-entropy.
+
+    Returns:
+        A float32 scalar (``"mean"``, ``"sum"``) or a float32 tensor shaped like ``labels`` (``"none"``).
+
+    Raises:
+        ValueError: ``labels`` does not match ``logits.shape[:-1]``, a label is outside
+            ``[0, vocab)`` and is not ``ignore_index``, or an option is out of range.
+    """
+    _check_reduction(reduction, label_smoothing, z_loss)
+    if logits.dim() < 2:
+        raise ValueError(f"logits must be [..., vocab], got shape {tuple(logits.shape)}")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match logits shape {tuple(logits.shape)} "
+            f"without its vocab dimension {tuple(logits.shape[:-1])}. Pass labels aligned with input_ids "
+            "(the loss shifts them) or pre-shifted targets with shift=False."
+        )
+    if logits.is_floating_point() is False:
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    vocab_size = logits.shape[-1]
+
+    # Model parallelism: the lm_head (and so the logits) may live on another device than the batch.
+    labels = labels.to(logits.device)
+    targets = shift_labels(labels, ignore_index) if shift else labels
+    validate_labels(targets, vocab_size, ignore_index)
+
+    # Flatten to [tokens, vocab]; a view when the logits are contiguous, never a copy of the logits.
+    flat_logits = logits.reshape(-1, vocab_size).float()
+    flat_targets = targets.reshape(-1)
+    trained = flat_targets != ignore_index
+
+    # The loss: cross-entropy of each position's logits against the next token, 0 where ignored.
+    token_losses = F.cross_entropy(
+        flat_logits, flat_targets, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
+    )
+    if z_loss > 0.0:
+        log_partition = torch.logsumexp(flat_logits, dim=-1)
+        token_losses = token_losses + z_loss * log_partition.square() * trained
+
+    if reduction == "none":
+        return token_losses.view(targets.shape)
+    return reduce_token_losses(token_losses, trained, reduction, num_items_in_batch)
+
+
+@torch.no_grad()
+def count_correct_tokens(
+    logits: torch.Tensor, labels: torch.Tensor, *, shift: bool = True, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """Trained positions whose argmax prediction equals the target (0-dim int64 tensor).
+
+    Args:
+        logits: ``[batch, seq, vocab]``.
+        labels: ``[batch, seq]`` with the same convention as :func:`causal_lm_loss`.
+    """
+    labels = labels.to(logits.device)
+    targets = shift_labels(labels, ignore_index) if shift else labels
+    predictions = logits.argmax(dim=-1)
+    return ((predictions == targets) & (targets != ignore_index)).sum()
