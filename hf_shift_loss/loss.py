@@ -171,7 +171,11 @@ def causal_lm_loss(
 
     # The loss: cross-entropy of each position's logits against the next token, 0 where ignored.
     token_losses = F.cross_entropy(
-        flat_logits, flat_targets, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
+        flat_logits,
+        flat_targets,
+        ignore_index=ignore_index,
+        reduction="none",
+        label_smoothing=label_smoothing,
     )
     if z_loss > 0.0:
         log_partition = torch.logsumexp(flat_logits, dim=-1)

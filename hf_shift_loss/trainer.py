@@ -1,0 +1,298 @@
+"""Trainer wiring: run the model, hand its output to the loss, normalize over the optimizer step.
+
+``ShiftLossTrainer`` is a stock ``transformers.Trainer`` except for the loss. It calls the model
+*without* labels (so the model does not compute a second loss over the full logits), then applies
+:func:`hf_shift_loss.causal_lm_loss` (or the fused kernel) itself. The normalization rule
+(docs/concepts.md):
+
+    loss of one optimizer step = sum of CE over the trained tokens of every micro-batch on every rank
+                                 / number of those tokens
+
+Each micro-batch contributes ``sum / global_count``; with ``average_tokens_across_devices`` the
+data-parallel gradient average over W ranks is undone by multiplying by W. The update is then the one
+of the whole global batch on one device, whatever the batch size, accumulation steps, world size,
+padding or packing.
+
+The math lives in ``loss.py`` / ``fused.py``; this module only orchestrates and logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from hf_shift_loss.loss import IGNORE_INDEX, causal_lm_loss, count_correct_tokens, count_trained_tokens
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ShiftLossArguments", "ShiftLossTrainer"]
+
+# Batch keys that are targets or bookkeeping, never model inputs.
+_TARGET_KEYS = ("labels", "shift_labels")
+
+
+@dataclass
+class ShiftLossArguments(TrainingArguments):
+    """``TrainingArguments`` plus the loss options of :class:`ShiftLossTrainer`.
+
+    ``label_smoothing_factor`` (inherited) is passed to the loss. Two inherited defaults change:
+    ``remove_unused_columns=False`` (the collator needs the raw ``prompt``/``completion``/``messages``
+    columns) and ``prediction_loss_only=True`` (evaluation does not gather ``[batch, seq, vocab]``
+    logits of every batch).
+    """
+
+    loss_impl: Literal["auto", "eager", "fused"] = field(
+        default="auto",
+        metadata={
+            "help": "'eager': the model computes logits [batch, seq, vocab], then causal_lm_loss. 'fused': "
+            "the backbone's hidden states go through fused_linear_cross_entropy with the lm_head weight, "
+            "in chunks of trained tokens only (no full logits). 'auto': fused where the model can be split "
+            "into backbone and output head, else eager (said once).",
+            "choices": ["auto", "eager", "fused"],
+        },
+    )
+    z_loss: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the z-loss, logsumexp(logits)^2 per trained token (PaLM uses 1e-4)."},
+    )
+    fused_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per chunk of the fused loss; default: chosen from a memory budget."},
+    )
+    log_token_accuracy: bool = field(
+        default=True,
+        metadata={"help": "Log the argmax accuracy over trained tokens with the training loss."},
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Keep dataset columns the model does not take: the collator tokenizes them."},
+    )
+    prediction_loss_only: bool = field(
+        default=True,
+        metadata={"help": "Evaluation returns the loss only, without gathering full logits."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss_impl not in ("auto", "eager", "fused"):
+            raise ValueError(f"loss_impl must be 'auto', 'eager' or 'fused', got {self.loss_impl!r}")
+        if self.z_loss < 0:
+            raise ValueError(f"z_loss must be >= 0, got {self.z_loss}")
+        if not 0.0 <= self.label_smoothing_factor < 1.0:
+            raise ValueError(f"label_smoothing_factor must be in [0, 1), got {self.label_smoothing_factor}")
+        if self.fused_chunk_size is not None and self.fused_chunk_size < 1:
+            raise ValueError(f"fused_chunk_size must be a positive integer, got {self.fused_chunk_size}")
+
+
+class ShiftLossTrainer(Trainer):
+    """``transformers.Trainer`` whose ``compute_loss`` runs the shift / flatten / cross-entropy itself.
+
+    Use it exactly like ``Trainer``; pass :class:`ShiftLossArguments` for the loss options (plain
+    ``TrainingArguments`` work too, with the defaults). Training logs add ``token_accuracy`` (argmax
+    accuracy over trained tokens), ``trained_tokens`` (per optimizer step, all ranks) and
+    ``total_trained_tokens``; evaluation reports the exact token-mean ``eval_loss`` and
+    ``eval_perplexity``.
+    """
+
+    # compute_loss divides by the trained tokens of the whole optimizer step, so Trainer must not
+    # divide again by the number of accumulation steps.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                "ShiftLossTrainer computes the causal-LM loss itself; compute_loss_func would be ignored. "
+                "Use transformers.Trainer for a custom loss, or subclass ShiftLossTrainer.compute_loss."
+            )
+        super().__init__(*args, **kwargs)
+        # The stock label smoother would compute a second loss; label_smoothing_factor goes to our loss.
+        self.label_smoother = None
+        self._loss_metrics = _LossMetrics()
+        self._eval_sums: list[torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ options
+    def _option(self, name: str, default: Any) -> Any:
+        return getattr(self.args, name, default)
+
+    # ------------------------------------------------------------------ normalization
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """Trained tokens of one optimizer step: every micro-batch, and every rank when averaging.
+
+        Counted after the shift (the first label of a row is never a target), or on ``shift_labels``
+        when the collator provides pre-shifted targets.
+        """
+        if not batch_samples or not any(
+            key in batch for batch in batch_samples for key in _TARGET_KEYS if isinstance(batch, dict)
+        ):
+            return None
+        trained_tokens = sum(_count_batch_trained_tokens(batch).to(device) for batch in batch_samples)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            trained_tokens = self.accelerator.gather(trained_tokens.reshape(1)).sum()
+        return trained_tokens
+
+    def _data_parallel_scale(self) -> int:
+        """Factor that undoes the data-parallel gradient mean when the loss uses the global count."""
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            return self.accelerator.num_processes
+        return 1
+
+    # ------------------------------------------------------------------ the loss
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """Run the model without labels, then the causal-LM loss normalized over the optimizer step.
+
+        Args:
+            model: the (possibly wrapped: DDP, peft) causal LM.
+            inputs: ``input_ids`` ``[batch, seq]``, ``attention_mask`` or ``position_ids``, and ``labels``
+                ``[batch, seq]`` aligned with ``input_ids`` (or pre-shifted ``shift_labels``).
+            num_items_in_batch: trained tokens of the optimizer step (all micro-batches, all ranks), from
+                :meth:`_get_num_items_in_batch`.
+        """
+        model_inputs = {key: value for key, value in inputs.items() if key not in _TARGET_KEYS}
+        if "shift_labels" in inputs:
+            targets, shift = inputs["shift_labels"], False
+        elif "labels" in inputs:
+            targets, shift = inputs["labels"], True
+        else:
+            raise ValueError(
+                f"ShiftLossTrainer needs 'labels' (or pre-shifted 'shift_labels') in the batch, got keys "
+                f"{sorted(inputs)}; use hf_shift_loss.PromptMaskingCollator or add labels in your collator"
+            )
+        training = model.training
+
+        outputs = model(**model_inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        loss_options = {
+            "shift": shift,
+            "ignore_index": IGNORE_INDEX,
+            "label_smoothing": self.args.label_smoothing_factor,
+            "z_loss": self._option("z_loss", 0.0),
+        }
+
+        if training:
+            loss = causal_lm_loss(
+                logits, targets, reduction="mean", num_items_in_batch=num_items_in_batch, **loss_options
+            )
+            if num_items_in_batch is None:
+                # Called outside Trainer's step loop: a per-micro-batch mean, scaled for accumulation.
+                loss = loss / self.current_gradient_accumulation_steps
+            else:
+                loss = loss * self._data_parallel_scale()
+            if self._option("log_token_accuracy", True):
+                correct = count_correct_tokens(logits.detach(), targets, shift=shift)
+            else:
+                correct = None
+            self._loss_metrics.add(count_trained_tokens(targets, shift=shift).to(logits.device), correct)
+        else:
+            # Evaluation: accumulate sum and count so eval_loss is the exact token mean of the eval set.
+            loss_sum = causal_lm_loss(logits, targets, reduction="sum", **loss_options)
+            trained_tokens = count_trained_tokens(targets, shift=shift).to(loss_sum.device)
+            if self._eval_sums is not None:
+                self._eval_sums[0] += loss_sum.detach()
+                self._eval_sums[1] += trained_tokens
+            loss = loss_sum / trained_tokens.clamp(min=1)
+
+        return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------ logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the loss metrics to the training log lines (reduced over all ranks)."""
+        if "loss" in logs and "eval_loss" not in logs:
+            steps = self.state.global_step - self._loss_metrics.last_logged_step
+            logs.update(self._loss_metrics.pop(self.accelerator, max(steps, 1)))
+            self._loss_metrics.last_logged_step = self.state.global_step
+            stats = getattr(self.data_collator, "stats", None)
+            if stats is not None and hasattr(stats, "untrained_examples"):
+                logs["dropped_examples"] = float(stats.untrained_examples)
+                logs["truncated_tokens"] = float(stats.truncated_tokens)
+        super().log(logs, start_time)
+
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> Any:
+        """Stock evaluation, with ``eval_loss`` replaced by the exact token mean and perplexity added.
+
+        The stock loop averages per-batch means, which weighs a batch of 3 trained tokens like a batch
+        of 3000; here every trained token of the evaluation set weighs the same, on every rank.
+        """
+        device = self.args.device
+        self._eval_sums = [torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)]
+        try:
+            output = super().evaluation_loop(
+                dataloader,
+                description,
+                prediction_loss_only=prediction_loss_only,
+                ignore_keys=ignore_keys,
+                metric_key_prefix=metric_key_prefix,
+            )
+        finally:
+            sums, self._eval_sums = self._eval_sums, None
+        prefix = metric_key_prefix
+        loss_sum = self.accelerator.reduce(sums[0].clone(), reduction="sum")
+        trained_tokens = self.accelerator.reduce(sums[1].clone(), reduction="sum")
+        if int(trained_tokens) > 0:
+            mean_loss = float(loss_sum) / int(trained_tokens)
+            output.metrics[f"{prefix}_loss"] = mean_loss
+            output.metrics[f"{prefix}_perplexity"] = math.exp(mean_loss) if mean_loss < 700 else math.inf
+            output.metrics[f"{prefix}_trained_tokens"] = int(trained_tokens)
+        return output
+
+
+def _count_batch_trained_tokens(batch: dict[str, Any]) -> torch.Tensor:
+    if "shift_labels" in batch:
+        return count_trained_tokens(batch["shift_labels"], shift=False)
+    return count_trained_tokens(batch["labels"], shift=True)
+
+
+class _LossMetrics:
+    """Token counts accumulated on device between log lines (no host sync per step)."""
+
+    def __init__(self) -> None:
+        self.trained_tokens: torch.Tensor | None = None
+        self.correct_tokens: torch.Tensor | None = None
+        self.total_trained_tokens = 0
+        self.last_logged_step = 0
+
+    def add(self, trained_tokens: torch.Tensor, correct_tokens: torch.Tensor | None) -> None:
+        self.trained_tokens = (
+            trained_tokens if self.trained_tokens is None else self.trained_tokens + trained_tokens
+        )
+        if correct_tokens is not None:
+            correct_tokens = correct_tokens.to(trained_tokens.device)
+            self.correct_tokens = (
+                correct_tokens if self.correct_tokens is None else self.correct_tokens + correct_tokens
+            )
+
+    def pop(self, accelerator: Any, steps: int) -> dict[str, float]:
+        """Reduce over ranks, return the log entries, reset the window. Every rank must call it."""
+        if self.trained_tokens is None:
+            return {}
+        counts = [self.trained_tokens, self.correct_tokens if self.correct_tokens is not None else None]
+        trained = int(accelerator.reduce(counts[0].clone(), reduction="sum"))
+        self.total_trained_tokens += trained
+        logs = {
+            "trained_tokens": trained / steps,
+            "total_trained_tokens": float(self.total_trained_tokens),
+        }
+        if counts[1] is not None:
+            correct = int(accelerator.reduce(counts[1].clone(), reduction="sum"))
+            logs["token_accuracy"] = correct / trained if trained else 0.0
+        self.trained_tokens = None
+        self.correct_tokens = None
+        return logs
