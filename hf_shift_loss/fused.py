@@ -1,0 +1,535 @@
+"""Fused lm_head + cross-entropy: the causal-LM loss without materializing the logits.
+
+``fused_linear_cross_entropy(hidden, weight, labels)`` has exactly the meaning of
+``causal_lm_loss(hidden @ weight.T, labels)`` (same label convention, shift, reductions,
+``num_items_in_batch``, label smoothing, z-loss, float32 math), but:
+
+1. Only the *trained* positions are projected. After the shift, the rows of ``hidden`` whose target is
+   not ``ignore_index`` are selected; prompt tokens and padding cost no FLOPs at all.
+2. The selected rows are processed in chunks of ``chunk_size`` rows. At most one chunk of float32 logits
+   ``[chunk_size, vocab]`` exists at any time (plus one low-precision copy for bfloat16/float16 inputs).
+3. For ``reduction="mean"``/``"sum"`` the gradients wrt ``hidden``, ``weight`` and ``bias`` are computed in
+   the forward pass, chunk by chunk, while the chunk's logits are still in memory (as Liger-Kernel does).
+   Why: a scalar loss's upstream gradient is one number, so backward only has to scale the stored
+   gradients. That costs 3 matmuls per chunk (6·N·H·V FLOPs, the same as eager) instead of the 4 matmuls
+   (8·N·H·V) of recomputing the logits in backward, and the logits never need to be stored. The price is
+   that the gradients (``[tokens, hidden]`` and a float32 ``[vocab, hidden]``) exist from the forward
+   pass on; they are the same tensors autograd would allocate in backward anyway.
+   ``reduction="none"`` has a per-token upstream gradient unknown at forward time, so there the logits
+   are recomputed in backward (8·N·H·V).
+
+See docs/fused-loss.md for the memory and FLOP math.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hf_shift_loss.loss import (
+    IGNORE_INDEX,
+    Reduction,
+    _check_reduction,
+    reduce_token_losses,
+    shift_labels,
+    validate_labels,
+)
+
+__all__ = [
+    "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy_with_accuracy",
+    "default_chunk_size",
+]
+
+# One chunk's float32 logits stay under this many bytes. 64 MiB keeps the chunk small next to the weight
+# gradient (vocab x hidden floats) that every implementation has to allocate, while each chunk's matmuls
+# stay large enough (>= 128 rows) to run at full speed on CPU and GPU.
+CHUNK_LOGITS_BYTES = 64 * 2**20
+MIN_CHUNK_ROWS = 128
+
+
+def default_chunk_size(num_rows: int, vocab_size: int) -> int:
+    """Rows per chunk: as many as fit ``CHUNK_LOGITS_BYTES`` of float32 logits, at least ``MIN_CHUNK_ROWS``.
+
+    The rows are then spread evenly over the chunks (e.g. 300 rows with a 256-row budget become two chunks
+    of 150), so that the last chunk is not a tiny, slow matmul.
+    """
+    budget_rows = max(MIN_CHUNK_ROWS, CHUNK_LOGITS_BYTES // (4 * vocab_size))
+    if num_rows <= budget_rows:
+        return max(num_rows, 1)
+    num_chunks = -(-num_rows // budget_rows)
+    return -(-num_rows // num_chunks)
+
+
+def _chunk_logits(
+    hidden_rows: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    logits: torch.Tensor,
+    low_precision_logits: torch.Tensor | None,
+) -> None:
+    """Write ``hidden_rows @ weight.T + bias`` as float32 into ``logits`` ``[rows, vocab]``.
+
+    Low-precision inputs are multiplied in their own dtype (as the eager ``lm_head`` does) into
+    ``low_precision_logits``, then upcast: the same rounding as ``causal_lm_loss(lm_head(h))``.
+    """
+    out = logits if low_precision_logits is None else low_precision_logits
+    if bias is None:
+        torch.mm(hidden_rows, weight.t(), out=out)
+    else:
+        torch.addmm(bias, hidden_rows, weight.t(), out=out)
+    if low_precision_logits is not None:
+        logits.copy_(low_precision_logits)
+
+
+def _token_losses_and_softmax_(
+    logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float, z_loss: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token losses of one chunk; turns ``logits`` ``[rows, vocab]`` in place into ``exp(logits - max)``.
+
+    Returns:
+        ``token_losses`` ``[rows]``, ``log_partition`` (logsumexp) ``[rows]`` and ``exp_sum`` ``[rows]``
+        (so that ``softmax = logits / exp_sum[:, None]`` afterwards), all float32.
+    """
+    target_logits = logits.gather(1, targets[:, None]).squeeze(1)
+    mean_logits = logits.mean(dim=1) if label_smoothing > 0.0 else None
+    # logsumexp written out in place: the exp is reused for the gradient, and no [rows, vocab] temporary.
+    row_max = logits.amax(dim=1)
+    logits.sub_(row_max[:, None]).exp_()
+    exp_sum = logits.sum(dim=1)
+    log_partition = exp_sum.log() + row_max
+    # Label smoothing as F.cross_entropy: (1 - eps) * (lse - x_target) + eps * (lse - mean_v x_v).
+    token_losses = log_partition - (1.0 - label_smoothing) * target_logits
+    if mean_logits is not None:
+        token_losses = token_losses - label_smoothing * mean_logits
+    if z_loss > 0.0:
+        token_losses = token_losses + z_loss * log_partition.square()
+    return token_losses, log_partition, exp_sum
+
+
+def _grad_logits_(
+    exp_logits: torch.Tensor,
+    targets: torch.Tensor,
+    log_partition: torch.Tensor,
+    exp_sum: torch.Tensor,
+    row_scale: torch.Tensor | None,
+    label_smoothing: float,
+    z_loss: float,
+) -> torch.Tensor:
+    """d(token loss)/d(logits) ``[rows, vocab]``, in place of ``exp_logits`` (= ``exp(logits - max)``).
+
+    ``softmax * (1 + 2 z lse) - (1 - eps) * onehot(target) - eps / vocab``, each row times ``row_scale``
+    (the upstream gradient of each token, or None for 1).
+    """
+    softmax_scale = exp_sum.reciprocal()
+    if z_loss > 0.0:
+        softmax_scale = softmax_scale * (1.0 + 2.0 * z_loss * log_partition)
+    target_grad = torch.full_like(log_partition, -(1.0 - label_smoothing))
+    if row_scale is not None:
+        softmax_scale = softmax_scale * row_scale
+        target_grad = target_grad * row_scale
+    grad = exp_logits.mul_(softmax_scale[:, None])
+    if label_smoothing > 0.0:
+        uniform_grad = torch.full_like(log_partition, -label_smoothing / exp_logits.shape[1])
+        grad.add_((uniform_grad if row_scale is None else uniform_grad * row_scale)[:, None])
+    grad.scatter_add_(1, targets[:, None], target_grad[:, None])
+    return grad
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Chunked ``lm_head`` + cross-entropy over the selected rows of ``hidden`` (see the module docstring).
+
+    forward inputs: ``hidden`` ``[positions, H]`` (all positions; rows are gathered per chunk so no
+    ``[trained, H]`` copy is made), ``weight`` ``[V, H]``, ``bias`` ``[V]`` or None, ``rows`` ``[trained]``
+    int64 indices into ``hidden``, ``targets`` ``[trained]``.
+
+    forward outputs: the float32 loss (the sum over trained tokens when ``per_token`` is False, else the
+    ``[trained]`` losses) and the 0-dim int64 number of correct argmax predictions (if ``count_correct``).
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        rows: torch.Tensor,
+        targets: torch.Tensor,
+        chunk_size: int,
+        label_smoothing: float,
+        z_loss: float,
+        per_token: bool,
+        count_correct: bool,
+        needs_grad: tuple[bool, bool, bool],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        num_trained = rows.shape[0]
+        vocab_size, hidden_size = weight.shape
+        device = hidden.device
+        low_precision = weight.dtype != torch.float32
+        # Scalar loss: gradients now, while the logits are in memory (module docstring, point 3).
+        grads_in_forward = not per_token and any(needs_grad)
+
+        rows_per_chunk = max(1, min(chunk_size, num_trained))
+        logits_buffer = torch.empty(rows_per_chunk, vocab_size, dtype=torch.float32, device=device)
+        low_precision_buffer = (
+            torch.empty(rows_per_chunk, vocab_size, dtype=weight.dtype, device=device)
+            if low_precision
+            else None
+        )
+        summed_loss = torch.zeros((), dtype=torch.float32, device=device)
+        token_losses = torch.empty(num_trained if per_token else 0, dtype=torch.float32, device=device)
+        log_partitions = torch.empty(num_trained if per_token else 0, dtype=torch.float32, device=device)
+        correct_tokens = torch.zeros((), dtype=torch.int64, device=device)
+
+        grad_hidden = grad_weight = grad_bias = None
+        if grads_in_forward:
+            grads = _GradientAccumulator(hidden, weight, bias, needs_grad, rows_per_chunk)
+
+        for start in range(0, num_trained, rows_per_chunk):
+            end = min(start + rows_per_chunk, num_trained)
+            chunk_rows, chunk_targets = rows[start:end], targets[start:end]
+            hidden_rows = hidden.index_select(0, chunk_rows)
+            logits = logits_buffer[: end - start]
+            low_precision_logits = (
+                None if low_precision_buffer is None else low_precision_buffer[: end - start]
+            )
+            _chunk_logits(hidden_rows, weight, bias, logits, low_precision_logits)
+            if count_correct:
+                correct_tokens += (logits.argmax(dim=1) == chunk_targets).sum()
+            losses, log_partition, exp_sum = _token_losses_and_softmax_(
+                logits, chunk_targets, label_smoothing, z_loss
+            )
+            if per_token:
+                token_losses[start:end] = losses
+                log_partitions[start:end] = log_partition
+            else:
+                summed_loss += losses.sum()
+            if grads_in_forward:
+                grad_logits = _grad_logits_(
+                    logits, chunk_targets, log_partition, exp_sum, None, label_smoothing, z_loss
+                )
+                grads.add_chunk(grad_logits, low_precision_logits, hidden_rows, chunk_rows)
+
+        if grads_in_forward:
+            grad_hidden, grad_weight, grad_bias = grads.hidden, grads.weight, grads.bias
+        ctx.mark_non_differentiable(correct_tokens)
+        ctx.per_token = per_token
+        ctx.input_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.options = (chunk_size, label_smoothing, z_loss, needs_grad)
+        if per_token:
+            ctx.save_for_backward(hidden, weight, bias, rows, targets, log_partitions)
+        else:
+            ctx.gradients = (grad_hidden, grad_weight, grad_bias)
+        return (token_losses if per_token else summed_loss), correct_tokens
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_correct: torch.Tensor | None):
+        no_grad_for_options = (None,) * 8
+        if not ctx.per_token:
+            if ctx.gradients is None:
+                raise RuntimeError(
+                    "fused_linear_cross_entropy: backward through the same loss twice is not supported "
+                    "(its gradients are computed in forward and handed out once); recompute the loss."
+                )
+            grad_hidden, grad_weight, grad_bias = ctx.gradients
+            ctx.gradients = None
+            # In place: these buffers are handed to autograd exactly once (checked above).
+            scaled = [None if g is None else g.mul_(grad_loss) for g in (grad_hidden, grad_weight, grad_bias)]
+            return (*_to_dtypes(scaled, ctx.input_dtypes), *no_grad_for_options)
+
+        hidden, weight, bias, rows, targets, log_partitions = ctx.saved_tensors
+        chunk_size, label_smoothing, z_loss, needs_grad = ctx.options
+        num_trained = rows.shape[0]
+        vocab_size = weight.shape[0]
+        low_precision = weight.dtype != torch.float32
+        rows_per_chunk = max(1, min(chunk_size, num_trained))
+        logits_buffer = torch.empty(rows_per_chunk, vocab_size, dtype=torch.float32, device=hidden.device)
+        low_precision_buffer = (
+            torch.empty(rows_per_chunk, vocab_size, dtype=weight.dtype, device=hidden.device)
+            if low_precision
+            else None
+        )
+        grads = _GradientAccumulator(hidden, weight, bias, needs_grad, rows_per_chunk)
+        grad_loss = grad_loss.float()
+        for start in range(0, num_trained, rows_per_chunk):
+            end = min(start + rows_per_chunk, num_trained)
+            chunk_rows, chunk_targets = rows[start:end], targets[start:end]
+            hidden_rows = hidden.index_select(0, chunk_rows)
+            logits = logits_buffer[: end - start]
+            low_precision_logits = (
+                None if low_precision_buffer is None else low_precision_buffer[: end - start]
+            )
+            _chunk_logits(hidden_rows, weight, bias, logits, low_precision_logits)
+            # The forward's logsumexp is reused: softmax = exp(logits - lse), one pass fewer than forward.
+            log_partition = log_partitions[start:end]
+            exp_logits = logits.sub_(log_partition[:, None]).exp_()
+            ones = torch.ones_like(log_partition)
+            grad_logits = _grad_logits_(
+                exp_logits, chunk_targets, log_partition, ones, grad_loss[start:end], label_smoothing, z_loss
+            )
+            grads.add_chunk(grad_logits, low_precision_logits, hidden_rows, chunk_rows)
+        gradients = [grads.hidden, grads.weight, grads.bias]
+        return (*_to_dtypes(gradients, ctx.input_dtypes), *no_grad_for_options)
+
+
+def _to_dtypes(grads: list[torch.Tensor | None], dtypes: tuple) -> list[torch.Tensor | None]:
+    """Cast the float32 weight/bias gradients back to the parameters' dtype (a no-op for float32)."""
+    return [None if g is None else g.to(dtype) for g, dtype in zip(grads, dtypes, strict=True)]
+
+
+class _GradientAccumulator:
+    """Gradients wrt hidden ``[positions, H]`` (input dtype), weight ``[V, H]`` and bias ``[V]`` (float32).
+
+    ``weight`` and ``bias`` gradients accumulate over chunks in float32 whatever the input dtype. Nothing
+    is allocated or computed for an input that needs no gradient: with a frozen ``lm_head`` (LoRA) the
+    weight-gradient matmul is skipped, 4·N·H·V FLOPs instead of 6·N·H·V.
+    """
+
+    def __init__(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        needs_grad: tuple[bool, bool, bool],
+        rows_per_chunk: int,
+    ) -> None:
+        hidden_needs_grad, weight_needs_grad, bias_needs_grad = needs_grad
+        self.weight_tensor = weight
+        self.hidden = torch.zeros_like(hidden) if hidden_needs_grad else None
+        self.weight = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            if weight_needs_grad
+            else None
+        )
+        self.bias = (
+            torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+            if bias is not None and bias_needs_grad
+            else None
+        )
+        self.hidden_rows_grad = (
+            torch.empty(rows_per_chunk, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+            if hidden_needs_grad
+            else None
+        )
+        self.upcast_on_cpu = weight.device.type == "cpu"
+        # Off CPU a low-precision weight-gradient chunk is multiplied in its dtype (tensor cores, float32
+        # accumulation inside the matmul) into this scratch, then added to the float32 sum.
+        self.weight_grad_scratch = (
+            torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+            if weight_needs_grad and weight.dtype != torch.float32 and not self.upcast_on_cpu
+            else None
+        )
+
+    def add_chunk(
+        self,
+        grad_logits: torch.Tensor,
+        low_precision_logits: torch.Tensor | None,
+        hidden_rows: torch.Tensor,
+        chunk_rows: torch.Tensor,
+    ) -> None:
+        """Add one chunk: ``grad_logits`` float32 ``[rows, V]``, ``hidden_rows`` ``[rows, H]``."""
+        weight = self.weight_tensor
+        matmul_grad = grad_logits
+        if low_precision_logits is not None:
+            # The matmuls run in the weight's dtype, as eager autograd does for a bfloat16 lm_head.
+            matmul_grad = low_precision_logits.copy_(grad_logits)
+        if self.hidden is not None:
+            hidden_rows_grad = self.hidden_rows_grad[: grad_logits.shape[0]]
+            torch.mm(matmul_grad, weight, out=hidden_rows_grad)
+            self.hidden.index_copy_(0, chunk_rows, hidden_rows_grad)
+        if self.weight is not None:
+            if low_precision_logits is None:
+                self.weight.addmm_(grad_logits.t(), hidden_rows)
+            elif self.upcast_on_cpu:
+                # CPU: exact float32 math costs only a [rows, H] upcast, and CPU low-precision GEMMs are
+                # often emulated (slow).
+                self.weight.addmm_(grad_logits.t(), hidden_rows.float())
+            else:
+                torch.mm(matmul_grad.t(), hidden_rows, out=self.weight_grad_scratch)
+                self.weight.add_(self.weight_grad_scratch)
+        if self.bias is not None:
+            self.bias += grad_logits.sum(dim=0)
+
+
+def _validate_inputs(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    if hidden.dim() not in (2, 3):
+        raise ValueError(
+            f"hidden must be [batch, seq, hidden] or [tokens, hidden], got shape {tuple(hidden.shape)}"
+        )
+    if not hidden.is_floating_point() or not weight.is_floating_point():
+        raise ValueError(f"hidden and weight must be floating point, got {hidden.dtype} and {weight.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must be [vocab, hidden] with hidden={hidden.shape[-1]} (the last dimension of hidden "
+            f"shaped {tuple(hidden.shape)}), got shape {tuple(weight.shape)}"
+        )
+    if hidden.dtype != weight.dtype:
+        raise ValueError(
+            f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype, as for lm_head(hidden)"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be [vocab] = ({weight.shape[0]},), got shape {tuple(bias.shape)}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match hidden shape {tuple(hidden.shape)} without "
+            f"its hidden dimension {tuple(hidden.shape[:-1])}. Pass labels aligned with input_ids (the loss "
+            "shifts them) or pre-shifted targets with shift=False."
+        )
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer token ids, got {labels.dtype}")
+
+
+def fused_linear_cross_entropy_with_accuracy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    shift: bool = True,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: Reduction = "mean",
+    num_items_in_batch: torch.Tensor | int | float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fused_linear_cross_entropy` and the number of correctly predicted trained tokens.
+
+    Returns:
+        ``(loss, correct_tokens)``: the loss as :func:`fused_linear_cross_entropy`, and a 0-dim int64
+        tensor counting trained positions whose argmax over the logits equals the target (the same count
+        as ``loss.count_correct_tokens(hidden @ weight.T, labels)``), computed chunk by chunk.
+    """
+    return _fused(
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        shift=shift,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        chunk_size=chunk_size,
+        count_correct=True,
+    )
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    shift: bool = True,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: Reduction = "mean",
+    num_items_in_batch: torch.Tensor | int | float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``causal_lm_loss(hidden @ weight.T + bias, labels, ...)`` without materializing the logits.
+
+    Args:
+        hidden: ``[batch, seq, hidden]`` (or ``[tokens, hidden]``) last hidden states, float32/bfloat16/
+            float16; the logsumexp, losses and weight-gradient accumulation run in float32.
+        weight: ``[vocab, hidden]``, the ``lm_head`` weight (same dtype as ``hidden``). When
+            ``weight.requires_grad`` is False (frozen head) no weight gradient is computed.
+        labels: ``[batch, seq]`` (``hidden.shape[:-1]``), same convention as :func:`causal_lm_loss`.
+            Moved to ``hidden``'s device.
+        bias: optional ``[vocab]`` lm_head bias.
+        shift, ignore_index, reduction, num_items_in_batch, label_smoothing, z_loss: exactly as
+            :func:`hf_shift_loss.loss.causal_lm_loss` (``"none"`` returns ``labels``' shape, 0 where not
+            trained).
+        chunk_size: trained rows per chunk; default :func:`default_chunk_size` (~64 MiB of float32 logits).
+
+    Returns:
+        A float32 scalar (``"mean"``, ``"sum"``) or a float32 tensor shaped like ``labels`` (``"none"``).
+        With no trained token the loss is 0 with zero gradients, never NaN.
+
+    Raises:
+        ValueError: shapes or dtypes do not match, a label is outside ``[0, vocab)`` and is not
+            ``ignore_index``, or an option is out of range.
+
+    Host syncs: validating the labels (one ``.any()``, as ``causal_lm_loss``) and selecting the trained
+    rows (``nonzero`` needs their count to size the chunks): two small syncs per call, the price of
+    skipping untrained positions entirely.
+    """
+    loss, _ = _fused(
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        shift=shift,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        chunk_size=chunk_size,
+        count_correct=False,
+    )
+    return loss
+
+
+def _fused(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None,
+    shift: bool,
+    ignore_index: int,
+    reduction: Reduction,
+    num_items_in_batch: torch.Tensor | int | float | None,
+    label_smoothing: float,
+    z_loss: float,
+    chunk_size: int | None,
+    count_correct: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_reduction(reduction, label_smoothing, z_loss)
+    _validate_inputs(hidden, weight, labels, bias)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+    vocab_size, hidden_size = weight.shape
+
+    # Model parallelism: the batch may live on another device than the lm_head's input.
+    labels = labels.to(hidden.device)
+    targets = shift_labels(labels, ignore_index) if shift else labels
+    validate_labels(targets, vocab_size, ignore_index)
+
+    flat_targets = targets.reshape(-1)
+    trained = flat_targets != ignore_index
+    # The one unavoidable sync of skipping untrained rows: the number of trained rows sizes the chunks.
+    rows = trained.nonzero().squeeze(1)
+    num_trained = rows.shape[0]
+    if chunk_size is None:
+        chunk_size = default_chunk_size(num_trained, vocab_size)
+
+    grad_enabled = torch.is_grad_enabled()
+    needs_grad = (
+        grad_enabled and hidden.requires_grad,
+        grad_enabled and weight.requires_grad,
+        grad_enabled and bias is not None and bias.requires_grad,
+    )
+    per_token = reduction == "none"
+    loss, correct_tokens = _ChunkedLinearCrossEntropy.apply(
+        hidden.reshape(-1, hidden_size),
+        weight,
+        bias,
+        rows,
+        flat_targets.index_select(0, rows),
+        chunk_size,
+        float(label_smoothing),
+        float(z_loss),
+        per_token,
+        count_correct,
+        needs_grad,
+    )
+    if per_token:
+        token_losses = torch.zeros(flat_targets.shape[0], dtype=torch.float32, device=hidden.device)
+        return token_losses.index_copy(0, rows, loss).view(targets.shape), correct_tokens
+    return reduce_token_losses(loss, trained, reduction, num_items_in_batch), correct_tokens
