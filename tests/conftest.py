@@ -1,0 +1,8 @@
+import os
+import sys
+
+# Tests import their in-process helpers (tokenizers, tiny models) as a plain module.
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")

@@ -1,0 +1,50 @@
+"""Small real components built in-process for the tests: a word-level tokenizer and a tiny Llama."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+WORDS = (
+    "where is the capital of China The Beijing what France Paris a an and city big small river "
+    "name who wrote this book it was written by I do not know yes no"
+).split()
+SPECIAL = ["<pad>", "<bos>", "<eos>", "<sep>", "<unk>"]
+
+
+def word_tokenizer(add_bos: bool = True) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer whose encoding adds <bos>, as Llama's does."""
+    vocab = {token: index for index, token in enumerate(SPECIAL + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<sep>"],
+    )
+
+
+def tiny_llama(vocab_size: int = 64, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **overrides,
+    )
+    return LlamaForCausalLM(config)

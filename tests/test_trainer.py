@@ -1,0 +1,188 @@
+"""ShiftLossTrainer: exact normalization under gradient accumulation, model equivalence, peft, logs."""
+
+import copy
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from helpers import tiny_llama, word_tokenizer
+from peft import LoraConfig, get_peft_model
+
+from hf_shift_loss import PromptMaskingCollator, ShiftLossArguments, ShiftLossTrainer, causal_lm_loss
+
+# Very different trained-token counts per example: 1, 2, 11 and 4 answer tokens, each + eos.
+EXAMPLES = [
+    {"prompt": "where is the capital of China <sep>", "completion": "Beijing"},
+    {"prompt": "who wrote this book <sep>", "completion": "I do"},
+    {"prompt": "a <sep>", "completion": "it was written by a big river and a small city"},
+    {"prompt": "what is the capital of France <sep>", "completion": "The capital is Paris"},
+]
+
+
+def make_args(tmp_path, **overrides):
+    defaults = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        max_steps=1,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,  # no clipping: the update is exactly lr * gradient
+        weight_decay=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+    )
+    defaults.update(overrides)
+    return ShiftLossArguments(**defaults)
+
+
+def train_one_step(model, tmp_path, **overrides):
+    tokenizer = word_tokenizer()
+    trainer = ShiftLossTrainer(
+        model=model,
+        args=make_args(tmp_path, **overrides),
+        train_dataset=Dataset.from_list(EXAMPLES),
+        data_collator=PromptMaskingCollator(tokenizer),
+    )
+    trainer.train()
+    return trainer
+
+
+def global_mean_loss(model):
+    """The loss of all four examples as one batch: the reference every configuration must match."""
+    batch = PromptMaskingCollator(word_tokenizer())(EXAMPLES)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return causal_lm_loss(logits, batch["labels"]).item()
+
+
+def parameters_after(trainer):
+    return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+
+
+def test_one_step_is_identical_for_any_gradient_accumulation(tmp_path):
+    base = tiny_llama()
+    reference_loss = global_mean_loss(base)
+    results = {}
+    for batch_size, accumulation in [(4, 1), (2, 2), (1, 4)]:
+        trainer = train_one_step(
+            copy.deepcopy(base),
+            tmp_path / f"{batch_size}x{accumulation}",
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+        )
+        results[(batch_size, accumulation)] = parameters_after(trainer)
+        logged = [entry for entry in trainer.state.log_history if "loss" in entry][0]
+        # The logged loss is the global token mean of the step, not a mean of micro-batch means.
+        assert logged["loss"] == pytest.approx(reference_loss, rel=1e-5)
+        assert logged["trained_tokens"] == 2 + 3 + 12 + 5  # completion tokens + eos per example
+        assert 0.0 <= logged["token_accuracy"] <= 1.0
+    for key in [(2, 2), (1, 4)]:
+        for name, value in results[(4, 1)].items():
+            torch.testing.assert_close(results[key][name], value, rtol=1e-4, atol=1e-6, msg=f"{key} {name}")
+
+
+def test_mean_of_micro_batch_means_would_differ():
+    """The naive normalization gives another gradient on this data, so the test above can fail."""
+    model = tiny_llama()
+    collator = PromptMaskingCollator(word_tokenizer())
+
+    def gradient(loss_fn):
+        model.zero_grad()
+        loss_fn().backward()
+        return model.lm_head.weight.grad.clone()
+
+    def global_mean():
+        batch = collator(EXAMPLES)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return causal_lm_loss(logits, batch["labels"])
+
+    def mean_of_means():
+        losses = []
+        for example in EXAMPLES:
+            batch = collator([example])
+            losses.append(causal_lm_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"]))
+        return sum(losses) / len(losses)
+
+    difference = (gradient(global_mean) - gradient(mean_of_means)).abs().max()
+    assert difference > 1e-3
+
+
+def test_compute_loss_equals_model_own_loss(tmp_path):
+    model = tiny_llama()
+    trainer = ShiftLossTrainer(
+        model=model, args=make_args(tmp_path), data_collator=PromptMaskingCollator(word_tokenizer())
+    )
+    batch = PromptMaskingCollator(word_tokenizer())(EXAMPLES)
+    model.eval()
+    with torch.no_grad():
+        ours = trainer.compute_loss(model, dict(batch))
+        theirs = model(**batch).loss
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_peft_lora_trains_only_adapters(tmp_path):
+    model = get_peft_model(
+        tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    )
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = train_one_step(model, tmp_path, learning_rate=1.0)
+    changed = {
+        name for name, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[name])
+    }
+    assert changed and all("lora_" in name for name in changed)
+    assert any("lora_B" in name for name in changed)
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry][0]
+    assert math.isfinite(logged["loss"])
+
+
+def test_evaluate_reports_exact_token_mean_and_perplexity(tmp_path):
+    model = tiny_llama()
+    trainer = ShiftLossTrainer(
+        model=model,
+        args=make_args(tmp_path, per_device_eval_batch_size=3),  # batches of 3 and 1 examples
+        eval_dataset=Dataset.from_list(EXAMPLES),
+        data_collator=PromptMaskingCollator(word_tokenizer()),
+    )
+    metrics = trainer.evaluate()
+    expected = global_mean_loss(model)
+    assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-5)
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
+    assert metrics["eval_trained_tokens"] == 22
+
+
+def test_label_smoothing_and_z_loss_reach_the_loss(tmp_path):
+    model = tiny_llama()
+    batch = PromptMaskingCollator(word_tokenizer())(EXAMPLES)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        trainer = ShiftLossTrainer(
+            model=model, args=make_args(tmp_path, label_smoothing_factor=0.1, z_loss=1e-3)
+        )
+        ours = trainer.compute_loss(model, dict(batch))
+    expected = causal_lm_loss(logits, batch["labels"], label_smoothing=0.1, z_loss=1e-3)
+    torch.testing.assert_close(ours, expected)
+
+
+def test_arguments_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="loss_impl"):
+        make_args(tmp_path, loss_impl="fast")
+    with pytest.raises(ValueError, match="z_loss"):
+        make_args(tmp_path, z_loss=-1.0)
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        ShiftLossTrainer(model=tiny_llama(), args=make_args(tmp_path), compute_loss_func=lambda *a, **k: 0)
+
+
+def test_missing_labels_raise_a_clear_error(tmp_path):
+    model = tiny_llama()
+    trainer = ShiftLossTrainer(model=model, args=make_args(tmp_path))
+    with pytest.raises(ValueError, match="needs 'labels'"):
+        trainer.compute_loss(model, {"input_ids": torch.ones(1, 3, dtype=torch.long)})
