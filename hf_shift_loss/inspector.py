@@ -427,7 +427,8 @@ def inspect_dataset(
     report.formats = dict(formats)
     report.trained_ratio = report.trained_tokens / report.total_tokens if report.total_tokens else 0.0
 
-    plain = console.color_system is None or console.no_color  # no colour: mark trained tokens with brackets instead
+    # Without colour (a pipe, a log, NO_COLOR) mark trained tokens with brackets instead.
+    plain = console.color_system is None or console.no_color
     for index, _, encoded in shown:
         header = (
             f"Example {index}: {len(encoded['input_ids'])} tokens, {_trained_targets(encoded['labels'])} trained, "
