@@ -296,3 +296,22 @@ def test_property_only_assistant_content_and_its_end_of_turn_are_trained(message
             assert set(range(span_end, span_end + len("<|im_end|>"))) <= trained_chars, (
                 "end of turn untrained"
             )
+
+
+def test_system_and_tool_turns_stay_masked_and_custom_roles_can_be_trained():
+    tokenizer = llama3_style_tokenizer()
+    messages = [
+        {"role": "system", "content": "You call tools."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": 'get_weather("Paris")'},
+        {"role": "tool", "content": '{"celsius": 21}'},
+        {"role": "assistant", "content": "21 °C in Paris."},
+    ]
+    encoded = encode_messages(tokenizer, messages)
+    assert [tokenizer.decode(run) for run in trained_runs(encoded)] == [
+        'get_weather("Paris")<|eot_id|>',
+        "21 °C in Paris.<|eot_id|>",
+    ]
+    messages[2] = {"role": "planner", "content": "look it up"}  # a role of the user's own, trained
+    encoded = encode_messages(tokenizer, messages, train_roles=("assistant", "planner"))
+    assert [tokenizer.decode(run) for run in trained_runs(encoded)][0] == "look it up<|eot_id|>"
