@@ -40,20 +40,21 @@ __all__ = [
     "default_chunk_size",
 ]
 
-# One chunk's float32 logits stay under this many bytes. 64 MiB keeps the chunk small next to the weight
-# gradient (vocab x hidden floats) that every implementation has to allocate, while each chunk's matmuls
-# stay large enough (>= 128 rows) to run at full speed on CPU and GPU.
+# One chunk's float32 logits stay under the smaller of 64 MiB and a quarter of the float32 weight gradient
+# ([vocab, hidden], which every implementation allocates): the chunk is then small next to memory that
+# exists anyway, while its matmuls (>= 64 rows) still run near full speed on CPU and GPU.
 CHUNK_LOGITS_BYTES = 64 * 2**20
-MIN_CHUNK_ROWS = 128
+MIN_CHUNK_ROWS = 64
 
 
-def default_chunk_size(num_rows: int, vocab_size: int) -> int:
-    """Rows per chunk: as many as fit ``CHUNK_LOGITS_BYTES`` of float32 logits, at least ``MIN_CHUNK_ROWS``.
+def default_chunk_size(num_rows: int, vocab_size: int, hidden_size: int) -> int:
+    """Rows per chunk from the memory budget above, spread evenly over the chunks.
 
-    The rows are then spread evenly over the chunks (e.g. 300 rows with a 256-row budget become two chunks
-    of 150), so that the last chunk is not a tiny, slow matmul.
+    E.g. 300 rows with a 256-row budget become two chunks of 150, so that the last chunk is not a tiny,
+    slow matmul.
     """
-    budget_rows = max(MIN_CHUNK_ROWS, CHUNK_LOGITS_BYTES // (4 * vocab_size))
+    budget_bytes = min(CHUNK_LOGITS_BYTES, vocab_size * hidden_size)  # = 4 bytes * V * H / 4
+    budget_rows = max(MIN_CHUNK_ROWS, budget_bytes // (4 * vocab_size))
     if num_rows <= budget_rows:
         return max(num_rows, 1)
     num_chunks = -(-num_rows // budget_rows)
@@ -444,7 +445,8 @@ def fused_linear_cross_entropy(
         shift, ignore_index, reduction, num_items_in_batch, label_smoothing, z_loss: exactly as
             :func:`hf_shift_loss.loss.causal_lm_loss` (``"none"`` returns ``labels``' shape, 0 where not
             trained).
-        chunk_size: trained rows per chunk; default :func:`default_chunk_size` (~64 MiB of float32 logits).
+        chunk_size: trained rows per chunk; default :func:`default_chunk_size` (float32 logits of a chunk
+            under min(64 MiB, a quarter of the weight gradient)).
 
     Returns:
         A float32 scalar (``"mean"``, ``"sum"``) or a float32 tensor shaped like ``labels`` (``"none"``).
@@ -507,7 +509,7 @@ def _fused(
     rows = trained.nonzero().squeeze(1)
     num_trained = rows.shape[0]
     if chunk_size is None:
-        chunk_size = default_chunk_size(num_trained, vocab_size)
+        chunk_size = default_chunk_size(num_trained, vocab_size, hidden_size)
 
     grad_enabled = torch.is_grad_enabled()
     needs_grad = (

@@ -280,11 +280,14 @@ def test_bad_input_raises_value_error_naming_the_problem() -> None:
 
 
 def test_default_chunk_size_keeps_chunks_even_and_under_budget() -> None:
-    assert default_chunk_size(0, 32000) == 1
-    assert default_chunk_size(100, 32000) == 100  # fits in one chunk
-    assert default_chunk_size(4096, 32000) == 512  # a 524-row budget -> 8 chunks of 512
-    assert default_chunk_size(2048, 128256) == 128  # the 130-row budget -> 16 chunks of 128
-    assert default_chunk_size(10_000, 10**7) == 127  # 128-row floor, spread evenly over 79 chunks
+    assert default_chunk_size(0, 32000, 1024) == 1
+    assert default_chunk_size(100, 32000, 1024) == 100  # fits in one chunk
+    # A quarter of the 125 MiB weight gradient -> 256 rows of float32 logits.
+    assert default_chunk_size(4096, 32000, 1024) == 256
+    assert default_chunk_size(4000, 32000, 1024) == 250  # 16 even chunks, not 15 x 256 + 160
+    # 64 MiB -> 130 rows, spread evenly: 16 chunks of 128.
+    assert default_chunk_size(2048, 128256, 2048) == 128
+    assert default_chunk_size(10_000, 10**7, 8) == 64  # never fewer than 64 rows per chunk
 
 
 @settings(max_examples=30, deadline=None)
