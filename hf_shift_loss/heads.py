@@ -1,0 +1,213 @@
+"""Find a causal LM's backbone and output head, so that the loss can be fused with the head.
+
+The fused loss needs the last hidden states ``[batch, seq, hidden]`` and the weight (and bias) of the
+linear layer that turns them into logits. ``find_output_head(model)`` finds both, for plain transformers
+models (tied embeddings included) and peft models (LoRA in the backbone, a frozen or a ``modules_to_save``
+lm_head), and refuses, with a reason, every model where ``lm_head(backbone(...))`` would not be the
+model's logits: a LoRA-targeted lm_head (the adapter would be bypassed), a head that is not a plain
+``nn.Linear`` (quantized, custom), logit soft-capping or scaling, prompt-learning adapters, multimodal and
+encoder-decoder models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "OutputHead",
+    "UnsupportedOutputHead",
+    "backbone_hidden_states",
+    "find_output_head",
+    "get_output_head",
+    "lm_head_returns_hidden_states",
+]
+
+# Config attributes of models whose forward changes the logits after the lm_head (the value that means
+# "no change" is None for soft-capping, 1 for scales): gemma2/3 and others, cohere, granite, falcon-h1.
+_LOGIT_SOFTCAPS = ("final_logit_softcapping",)
+_LOGIT_SCALES = ("logit_scale", "logits_scaling", "lm_head_multiplier")
+
+# Batch keys that are the loss's, not the backbone's.
+_NOT_BACKBONE_INPUTS = frozenset(
+    {"labels", "shift_labels", "num_items_in_batch", "logits_to_keep", "use_cache", "return_dict"}
+)
+
+
+class UnsupportedOutputHead(ValueError):
+    """The model's logits are not ``lm_head(backbone(...))`` for a plain linear head; the message says why."""
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """A causal LM split into ``backbone`` and linear head: ``logits = F.linear(hidden, weight, bias)``.
+
+    Attributes:
+        backbone: the decoder; ``backbone(input_ids=..., attention_mask=..., ...)`` returns an output
+            whose ``last_hidden_state`` is ``[batch, seq, hidden]`` (see :func:`backbone_hidden_states`).
+        head_module: the head as it sits in the model: an ``nn.Linear``, or peft's ``ModulesToSaveWrapper``
+            around one (the adapter's trained copy is then resolved at each access of :attr:`lm_head`, so
+            that switching or disabling adapters is honoured).
+    """
+
+    backbone: nn.Module
+    head_module: nn.Module
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        """The ``nn.Linear`` that the model's forward would run now."""
+        return _active_linear(self.head_module)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``[vocab, hidden]``, the live parameter (tied to the input embeddings when the model ties them)."""
+        return self.lm_head.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """``[vocab]`` or None."""
+        return self.lm_head.bias
+
+
+def _active_linear(head_module: nn.Module) -> nn.Linear:
+    """The module that computes the logits, looking through peft's ``ModulesToSaveWrapper`` as its forward does."""
+    if hasattr(head_module, "modules_to_save") and hasattr(head_module, "original_module"):
+        adapters = head_module.active_adapters
+        if head_module.disable_adapters or not adapters or adapters[0] not in head_module.modules_to_save:
+            return head_module.original_module
+        return head_module.modules_to_save[adapters[0]]
+    return head_module
+
+
+def _refusal(model: nn.Module) -> str | None:
+    """Why the logits of ``model`` are not ``F.linear(backbone hidden states, weight, bias)``; None if they are."""
+    model_name = type(model).__name__
+    peft_config = getattr(model, "active_peft_config", None)
+    if getattr(peft_config, "is_prompt_learning", False):
+        return f"{model_name} uses a prompt-learning adapter ({type(peft_config).__name__}), which adds virtual tokens in the peft model's forward"
+
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    if get_output_embeddings is None:
+        return f"{model_name} has no get_output_embeddings()"
+    head_module = get_output_embeddings()
+    if head_module is None:
+        return f"{model_name}.get_output_embeddings() returned None (no language-model head)"
+
+    # Imported lazily: peft is an optional dependency.
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+    except ImportError:
+        BaseTunerLayer = AuxiliaryTrainingWrapper = ModulesToSaveWrapper = ()  # noqa: N806
+    if BaseTunerLayer and isinstance(head_module, BaseTunerLayer):
+        return (
+            f"the lm_head is adapted by peft ({type(head_module).__name__}); the fused loss would bypass the "
+            "adapter. Put lm_head in modules_to_save instead of target_modules, or use the eager loss"
+        )
+    if AuxiliaryTrainingWrapper and isinstance(head_module, AuxiliaryTrainingWrapper):
+        if not isinstance(head_module, ModulesToSaveWrapper):
+            return f"the lm_head is wrapped by peft's {type(head_module).__name__}, which the fused loss cannot see through"
+
+    linear = _active_linear(head_module)
+    if type(linear) is not nn.Linear:
+        return (
+            f"the lm_head is a {type(linear).__module__}.{type(linear).__name__}, not a plain torch.nn.Linear "
+            "(quantized or custom heads compute their logits differently)"
+        )
+
+    config = getattr(model, "config", None)
+    if config is not None:
+        if getattr(config, "is_encoder_decoder", False):
+            return f"{model_name} is an encoder-decoder model; its decoder needs the encoder's outputs"
+        get_text_config = getattr(config, "get_text_config", None)
+        text_config = get_text_config(decoder=True) if get_text_config is not None else config
+        if text_config is not config:
+            return f"{model_name} is multimodal; its forward merges non-text inputs before the decoder"
+        for name in _LOGIT_SOFTCAPS:
+            if getattr(config, name, None) is not None:
+                return f"{model_name} soft-caps its logits (config.{name}={getattr(config, name)})"
+    for name in _LOGIT_SCALES:
+        for owner, where in ((config, "config"), (model, "model")):
+            value = getattr(owner, name, None) if owner is not None else None
+            if value is not None and not (isinstance(value, (int, float)) and value == 1):
+                return f"{model_name} scales its logits ({where}.{name}={value})"
+
+    backbone = _backbone(model)
+    if backbone is None or backbone is model or backbone is head_module:
+        return f"{model_name} has no decoder separate from its head (get_decoder() or base_model_prefix)"
+    return None
+
+
+def _backbone(model: nn.Module) -> nn.Module | None:
+    get_decoder = getattr(model, "get_decoder", None)
+    if get_decoder is not None:
+        return get_decoder()
+    prefix = getattr(model, "base_model_prefix", None)
+    return getattr(model, prefix, None) if prefix else None
+
+
+def get_output_head(model: nn.Module) -> OutputHead:
+    """Split ``model`` into backbone and linear head.
+
+    Raises:
+        UnsupportedOutputHead: with the reason, when the model's logits are not ``lm_head(backbone(...))``
+            for a plain linear ``lm_head`` (see the module docstring).
+    """
+    reason = _refusal(model)
+    if reason is not None:
+        raise UnsupportedOutputHead(reason)
+    return OutputHead(backbone=_backbone(model), head_module=model.get_output_embeddings())
+
+
+def find_output_head(model: nn.Module) -> OutputHead | None:
+    """:func:`get_output_head`, or None where it would raise (use that to get the reason)."""
+    try:
+        return get_output_head(model)
+    except UnsupportedOutputHead:
+        return None
+
+
+def backbone_hidden_states(head: OutputHead, model_inputs: Mapping[str, Any]) -> torch.Tensor:
+    """Run the backbone on a batch and return the last hidden states ``[batch, seq, hidden]``.
+
+    Args:
+        head: from :func:`get_output_head`.
+        model_inputs: the batch as the model's forward takes it (``input_ids``, ``attention_mask`` or
+            ``position_ids``, packing kwargs...); loss keys (``labels``, ``num_items_in_batch``...) are
+            dropped.
+
+    Returns:
+        The hidden states on the lm_head's device (model parallel: the head may live elsewhere).
+
+    Calling the backbone directly bypasses wrappers around the whole model (DDP, FSDP, DeepSpeed); under
+    those, run the wrapped model inside :func:`lm_head_returns_hidden_states` instead.
+    """
+    inputs = {key: value for key, value in model_inputs.items() if key not in _NOT_BACKBONE_INPUTS}
+    outputs = head.backbone(**inputs, use_cache=False, return_dict=True)
+    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    return hidden.to(head.weight.device)
+
+
+@contextlib.contextmanager
+def lm_head_returns_hidden_states(head: OutputHead) -> Iterator[None]:
+    """Inside this block the model's lm_head is the identity: ``model(**batch).logits`` are the hidden states.
+
+    For models wrapped by DDP (or anything that must see the whole forward): call the wrapped model without
+    labels inside this block, then ``fused_linear_cross_entropy(outputs.logits, head.weight, labels)``. The
+    ``[batch, seq, vocab]`` logits are never computed.
+    """
+    linear = head.lm_head
+    linear.forward = _identity  # an instance attribute shadows nn.Linear.forward for this module only
+    try:
+        yield
+    finally:
+        del linear.forward
+
+
+def _identity(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden
