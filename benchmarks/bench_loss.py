@@ -55,6 +55,7 @@ class Measurement:
     implementation: str
     seconds_median: float
     seconds_all: list[float]
+    cpu_seconds_median: float
     peak_extra_bytes: int
     loss: float
 
@@ -121,17 +122,20 @@ def run_worker(case: Case, implementation: str, repetitions: int) -> Measurement
         def loss_fn() -> torch.Tensor:
             return fused_linear_cross_entropy(hidden, weight, labels)
 
+    cpu_seconds = []
+
     def step() -> float:
         hidden.grad = None
         weight.grad = None
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss = loss_fn()
         loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
+        cpu_seconds.append(time.process_time() - cpu_start)
         step.loss = float(loss)
         return seconds
 
@@ -152,8 +156,16 @@ def run_worker(case: Case, implementation: str, repetitions: int) -> Measurement
             baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             step()
             peak_extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    cpu_seconds.clear()
     seconds = [step() for _ in range(repetitions)]
-    return Measurement(implementation, statistics.median(seconds), seconds, peak_extra, step.loss)
+    return Measurement(
+        implementation,
+        statistics.median(seconds),
+        seconds,
+        statistics.median(cpu_seconds),
+        peak_extra,
+        step.loss,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -189,9 +201,10 @@ def cases_to_run(quick: bool) -> list[Case]:
 
 def markdown_table(results: list[tuple[Case, dict[str, Measurement]]]) -> str:
     lines = [
-        "| N × H × V | dtype | masked | implementation | time (s) | peak extra memory (MiB) "
-        "| time / transformers | time / torch | memory / transformers | memory / torch |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| N × H × V | dtype | masked | implementation | time (s) | CPU time (s) | peak extra memory (MiB) "
+        "| time / transformers | time / torch | CPU time / transformers | CPU time / torch "
+        "| memory / transformers | memory / torch |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for case, measured in results:
         reference, torch_lce = measured["transformers"], measured["torch"]
@@ -199,8 +212,11 @@ def markdown_table(results: list[tuple[Case, dict[str, Measurement]]]) -> str:
             m = measured[name]
             lines.append(
                 f"| {case.tokens} × {case.hidden_size} × {case.vocab_size} | {case.dtype} "
-                f"| {case.masked_fraction:.0%} | {name} | {m.seconds_median:.2f} | {m.peak_extra_bytes / 2**20:.0f} "
+                f"| {case.masked_fraction:.0%} | {name} | {m.seconds_median:.2f} | {m.cpu_seconds_median:.2f} "
+                f"| {m.peak_extra_bytes / 2**20:.0f} "
                 f"| {m.seconds_median / reference.seconds_median:.2f} | {m.seconds_median / torch_lce.seconds_median:.2f} "
+                f"| {m.cpu_seconds_median / reference.cpu_seconds_median:.2f} "
+                f"| {m.cpu_seconds_median / torch_lce.cpu_seconds_median:.2f} "
                 f"| {m.peak_extra_bytes / reference.peak_extra_bytes:.2f} "
                 f"| {m.peak_extra_bytes / torch_lce.peak_extra_bytes:.2f} |"
             )
@@ -253,7 +269,8 @@ from the last hidden states: transformers' own causal-LM loss on the full logits
 (`ForCausalLMLoss(F.linear(hidden, weight), labels)`, float32 upcast), and PyTorch's chunked
 `torch.nn.functional.linear_cross_entropy(..., options=LinearCrossEntropyOptions())`. Forward + backward
 (gradients wrt hidden and weight), each implementation in its own process; time is the median of
-{repetitions} repetitions after a warm-up step, peak extra memory is the high-water mark of one step minus
+{repetitions} repetitions after a warm-up step (wall-clock, and CPU time of the process, which is less
+sensitive to other load on a shared machine), peak extra memory is the high-water mark of one step minus
 the memory holding the inputs (it includes the gradients, `(N + V) · H` floats, that every implementation
 returns). "masked" is the fraction of positions that are prompt (label -100): the fused loss skips them.
 How it works: [fused-loss.md](fused-loss.md). Reproduce with `python benchmarks/bench_loss.py`.
