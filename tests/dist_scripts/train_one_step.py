@@ -1,0 +1,168 @@
+"""One optimizer step of ShiftLossTrainer on 8 fixed examples; saves the update and the logged loss.
+
+Run it two ways and compare (tests/test_distributed.py does):
+
+    # reference: one process, batch 8, no accumulation
+    python tests/dist_scripts/train_one_step.py --out REF --per-device-batch 8 --accumulation 1
+    # two gloo ranks on CPU, batch 2 x accumulation 2 per rank
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
+        --dynamo_backend no --main_process_port PORT tests/dist_scripts/train_one_step.py \
+        --out DIST --per-device-batch 2 --accumulation 2
+
+Both see the same 8 examples in one optimizer step, so with exact normalization the SGD update (and the
+logged loss, the token mean over all 8) must be the same. The examples have very different trained-token
+counts, so any per-micro-batch or per-rank mean would show.
+
+Writes into --out: ``update.pt`` (rank 0: parameter after - before, ``{name: tensor}``), ``result.json``
+(rank 0: logged loss, reference token mean), ``rank{R}_batches.json`` (the example indices each rank's
+micro-batches held, in order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_shift_loss.trainer import ShiftLossArguments, ShiftLossTrainer
+
+VOCAB_SIZE = 128
+# (prompt tokens, completion tokens) per example: trained-token counts from 1 to 45.
+SHAPES = [(2, 2), (3, 40), (5, 3), (1, 30), (8, 2), (2, 45), (10, 4), (4, 20)]
+
+
+def make_examples() -> list[dict]:
+    """8 pre-tokenized examples; labels aligned with input_ids, -100 on the prompt."""
+    generator = torch.Generator().manual_seed(1234)
+    examples = []
+    for index, (prompt_length, completion_length) in enumerate(SHAPES):
+        input_ids = torch.randint(0, VOCAB_SIZE, (prompt_length + completion_length,), generator=generator)
+        labels = input_ids.clone()
+        labels[:prompt_length] = -100
+        examples.append({"idx": index, "input_ids": input_ids.tolist(), "labels": labels.tolist()})
+    return examples
+
+
+class RecordingCollator:
+    """Right-pads a batch ([batch, seq] tensors) and records which examples it held."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        self.batches.append([int(example["idx"]) for example in examples])
+        longest = max(len(example["input_ids"]) for example in examples)
+        input_ids = torch.zeros((len(examples), longest), dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        labels = torch.full_like(input_ids, -100)
+        for row, example in enumerate(examples):
+            length = len(example["input_ids"])
+            input_ids[row, :length] = torch.tensor(example["input_ids"])
+            attention_mask[row, :length] = 1
+            labels[row, :length] = torch.tensor(example["labels"])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB_SIZE,
+    )
+    return LlamaForCausalLM(config)
+
+
+@torch.no_grad()
+def global_token_mean(model: LlamaForCausalLM, examples: list[dict]) -> float:
+    """Sum of CE over every trained target of the 8 examples / their number, one example at a time."""
+    total, count = 0.0, 0
+    for example in examples:
+        input_ids = torch.tensor([example["input_ids"]])
+        targets = torch.tensor(example["labels"][1:])
+        logits = model(input_ids).logits[0, :-1].float()
+        total += F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item()
+        count += int((targets != -100).sum())
+    return total / count
+
+
+def main() -> None:
+    # If a rank ever hangs, say where (stderr reaches the test's failure message).
+    faulthandler.dump_traceback_later(90, exit=True)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--per-device-batch", type=int, required=True)
+    parser.add_argument("--accumulation", type=int, required=True)
+    parser.add_argument("--average-tokens-across-devices", type=int, default=1)
+    parser.add_argument("--learning-rate", type=float, default=1.0)
+    options = parser.parse_args()
+    os.makedirs(options.out, exist_ok=True)
+
+    examples = make_examples()
+    model = tiny_llama()
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    reference_mean = global_token_mean(model, examples)
+
+    args = ShiftLossArguments(
+        output_dir=os.path.join(options.out, "trainer"),
+        per_device_train_batch_size=options.per_device_batch,
+        gradient_accumulation_steps=options.accumulation,
+        max_steps=1,
+        learning_rate=options.learning_rate,
+        optim="sgd",
+        max_grad_norm=0.0,  # no clipping: the update is lr * gradient, exactly comparable
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        train_sampling_strategy="sequential",
+        average_tokens_across_devices=bool(options.average_tokens_across_devices),
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        use_cpu=True,
+        seed=0,
+        loss_impl="eager",
+    )
+    collator = RecordingCollator()
+    trainer = ShiftLossTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(examples), data_collator=collator
+    )
+    trainer.train()
+
+    rank = trainer.accelerator.process_index
+    with open(os.path.join(options.out, f"rank{rank}_batches.json"), "w") as file:
+        json.dump(collator.batches, file)
+    if trainer.accelerator.is_main_process:
+        trained = trainer.accelerator.unwrap_model(trainer.model)
+        update = {name: parameter.detach() - before[name] for name, parameter in trained.named_parameters()}
+        torch.save(update, os.path.join(options.out, "update.pt"))
+        logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+        result = {
+            "logged_loss": logged[0]["loss"],
+            "reference_token_mean": reference_mean,
+            "trained_tokens": logged[0].get("trained_tokens"),
+            "world_size": trainer.accelerator.num_processes,
+        }
+        with open(os.path.join(options.out, "result.json"), "w") as file:
+            json.dump(result, file)
+    # Every rank leaves the process group itself, after the others are done with it: an unclean or
+    # staggered exit sometimes hangs or aborts gloo at shutdown.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Exact normalization across data-parallel ranks, with two real gloo ranks on CPU.
+
+One optimizer step over the same 8 examples (trained-token counts 1 to 45) three ways:
+
+- reference: one process, batch 8, no accumulation;
+- ``accelerate launch`` with 2 ranks, batch 2 x accumulation 2 per rank, ``average_tokens_across_devices``
+  on: the SGD update and the logged loss must equal the reference (the global token mean);
+- the same with ``average_tokens_across_devices`` off: each rank normalizes by its own tokens, so the
+  update is the mean over ranks of per-rank token means, which differs (this shows the test can fail).
+
+The scripts run in subprocesses (tests/dist_scripts/train_one_step.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "tests", "dist_scripts", "train_one_step.py")
+TIMEOUT_S = 150
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _environment() -> dict[str, str]:
+    environment = dict(os.environ)
+    environment.update(
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=ROOT + os.pathsep + environment.get("PYTHONPATH", ""),
+    )
+    # A CUDA_VISIBLE_DEVICES pointing at GPUs would make the ranks pick them; this test is about gloo.
+    environment["CUDA_VISIBLE_DEVICES"] = ""
+    return environment
+
+
+def _run(command: list[str], out: str) -> dict:
+    completed = subprocess.run(
+        command, cwd=ROOT, env=_environment(), capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+    if completed.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(command)} failed with exit code {completed.returncode}:\n"
+            f"{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}"
+        )
+    with open(os.path.join(out, "result.json")) as file:
+        result = json.load(file)
+    result["update"] = torch.load(os.path.join(out, "update.pt"))
+    result["batches"] = {}
+    for name in sorted(os.listdir(out)):
+        if name.endswith("_batches.json"):
+            with open(os.path.join(out, name)) as file:
+                result["batches"][name.split("_")[0]] = json.load(file)
+    return result
+
+
+def _run_single(out: str) -> dict:
+    command = [sys.executable, SCRIPT, "--out", out, "--per-device-batch", "8", "--accumulation", "1"]
+    return _run(command, out)
+
+
+def _run_two_ranks(out: str, average_tokens_across_devices: bool) -> dict:
+    command = [
+        *(sys.executable, "-m", "accelerate.commands.launch"),
+        *("--multi_gpu", "--num_processes", "2", "--num_machines", "1"),
+        *("--mixed_precision", "no", "--dynamo_backend", "no"),
+        *("--main_process_port", str(_free_port())),
+        SCRIPT,
+        *("--out", out, "--per-device-batch", "2", "--accumulation", "2"),
+        *("--average-tokens-across-devices", str(int(average_tokens_across_devices))),
+    ]
+    return _run(command, out)
+
+
+def _max_relative_difference(update: dict, reference: dict) -> float:
+    """Largest ||a - b|| / ||b|| over parameters (updates of one SGD step, lr=1)."""
+    worst = 0.0
+    for name, expected in reference.items():
+        difference = (update[name] - expected).norm() / expected.norm().clamp(min=1e-12)
+        worst = max(worst, float(difference))
+    return worst
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    return _run_single(str(tmp_path_factory.mktemp("reference")))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict:
+    return _run_two_ranks(str(tmp_path_factory.mktemp("averaged")), average_tokens_across_devices=True)
+
+
+def test_reference_logs_the_global_token_mean(reference):
+    assert reference["world_size"] == 1
+    assert reference["batches"] == {"rank0": [[0, 1, 2, 3, 4, 5, 6, 7]]}
+    assert reference["trained_tokens"] == 146
+    assert reference["logged_loss"] == pytest.approx(reference["reference_token_mean"], rel=1e-5)
+
+
+def test_each_rank_sees_its_shard(two_ranks):
+    # accelerate shards the sequential sampler by whole batches (BatchSamplerShard), not interleaved
+    # example by example as torch's DistributedSampler does: rank r gets batches r, r + 2, ...
+    assert two_ranks["world_size"] == 2
+    assert two_ranks["batches"] == {"rank0": [[0, 1], [4, 5]], "rank1": [[2, 3], [6, 7]]}
+
+
+def test_two_ranks_with_accumulation_match_one_process(reference, two_ranks):
+    assert two_ranks["trained_tokens"] == reference["trained_tokens"]
+    assert _max_relative_difference(two_ranks["update"], reference["update"]) < 1e-4
+    # The logged loss is the token mean over every trained token of the step, on every rank.
+    assert two_ranks["logged_loss"] == pytest.approx(reference["reference_token_mean"], rel=1e-5)
+
+
+def test_without_token_averaging_the_update_differs(reference, tmp_path):
+    per_rank = _run_two_ranks(str(tmp_path), average_tokens_across_devices=False)
+    assert _max_relative_difference(per_rank["update"], reference["update"]) > 1e-2
+    # The loss is then the mean over ranks of each rank's own token mean.
+    assert per_rank["logged_loss"] != pytest.approx(reference["reference_token_mean"], rel=1e-3)
