@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 
 from hf_shift_loss.loss import IGNORE_INDEX
+from hf_shift_loss.packing import PackingStats, pack_batch
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,11 @@ class PromptMaskingCollator:
         train_roles / train_end_of_turn / last_turn_only / chat_template_kwargs: chat options, see
             :func:`hf_shift_loss.chat.encode_messages`.
         ignore_index: label of untrained positions.
+        packing: pack the batch's examples into rows of ``max_length`` tokens (best-fit decreasing) and
+            return ``input_ids``/``position_ids``/``labels`` with no ``attention_mask``; each sequence's
+            first label is masked. See :mod:`hf_shift_loss.packing` and docs/packing.md.
+        packing_overflow: with packing, an example longer than ``max_length`` is ``"truncate"``-d (as
+            without packing) or ``"split"`` into ``max_length`` pieces; counted in ``packing_stats``.
     """
 
     def __init__(
@@ -110,6 +116,8 @@ class PromptMaskingCollator:
         last_turn_only: bool = False,
         chat_template_kwargs: Mapping[str, Any] | None = None,
         ignore_index: int = IGNORE_INDEX,
+        packing: bool = False,
+        packing_overflow: Literal["truncate", "split"] = "truncate",
     ) -> None:
         if max_length is not None and max_length < 2:
             raise ValueError(f"max_length must be at least 2 (one input and one target), got {max_length}")
@@ -133,6 +141,17 @@ class PromptMaskingCollator:
         self.last_turn_only = last_turn_only
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.ignore_index = ignore_index
+        if packing and max_length is None:
+            raise ValueError("packing=True needs max_length: it is the capacity of a packed row")
+        if packing_overflow not in ("truncate", "split"):
+            raise ValueError(f"packing_overflow must be 'truncate' or 'split', got {packing_overflow!r}")
+        self.packing = packing
+        self.packing_overflow = packing_overflow
+        self.pack_length = max_length
+        if packing and packing_overflow == "split":
+            # Long examples reach the packer whole; it splits them instead of encode() cutting them.
+            self.max_length = None
+        self.packing_stats = PackingStats()
         self.stats = CollatorStats()
         self._examples_seen = 0
         self._bos_token_id = self._resolve_bos(tokenizer, add_bos)
@@ -312,6 +331,16 @@ class PromptMaskingCollator:
             # Every example was untrainable. An all-masked batch contributes exactly 0 to the loss (the
             # loss is normalized by the step's trained tokens), which keeps data-parallel ranks in step.
             encoded_batch = [self.encode(examples[0], None)]
+        if self.packing:
+            return pack_batch(
+                encoded_batch,
+                self.pack_length,
+                self._pad_token_id,
+                overflow=self.packing_overflow,
+                ignore_index=self.ignore_index,
+                pad_to_multiple_of=self.pad_to_multiple_of,
+                stats=self.packing_stats,
+            )
         return self.pad(encoded_batch)
 
     def pad(self, encoded_batch: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
