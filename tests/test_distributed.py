@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -49,13 +50,27 @@ def _environment() -> dict[str, str]:
 
 
 def _run(command: list[str], out: str) -> dict:
-    completed = subprocess.run(
-        command, cwd=ROOT, env=_environment(), capture_output=True, text=True, timeout=TIMEOUT_S
+    # Own session, so that on timeout the launcher *and* its ranks are killed (no orphaned rank).
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
-    if completed.returncode != 0:
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
         raise AssertionError(
-            f"{' '.join(command)} failed with exit code {completed.returncode}:\n"
-            f"{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}"
+            f"{' '.join(command)} timed out after {TIMEOUT_S} s:\n{stderr[-5000:]}"
+        ) from None
+    if process.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(command)} failed with exit code {process.returncode}:\n{stdout[-3000:]}\n{stderr[-5000:]}"
         )
     with open(os.path.join(out, "result.json")) as file:
         result = json.load(file)
