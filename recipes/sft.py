@@ -92,7 +92,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # training (ShiftLossArguments / TrainingArguments)
     "output_dir": "outputs/sft-smollm2-humaneval",
     "loss_impl": "auto",
-    "max_steps": 20,
+    "max_steps": 16,
     "per_device_train_batch_size": 4,
     "per_device_eval_batch_size": 8,
     "gradient_accumulation_steps": 1,

@@ -108,10 +108,25 @@ def test_packing_is_refused_when_the_collator_cannot_pack(sft, monkeypatch):
 
     monkeypatch.setattr(sft, "PromptMaskingCollator", CollatorWithoutPacking)
     recipe, _ = sft.parse_config(["--config", TINY_YAML])
-    assert sft.build_collator(object(), recipe).kwargs == {"max_length": 256, "mask_prompt": True}
+    assert sft.build_collator(object(), recipe).kwargs == {
+        "max_length": recipe.max_length,
+        "mask_prompt": True,
+    }
     recipe.packing = True
     with pytest.raises(ValueError, match="no packing option"):
         sft.build_collator(object(), recipe)
+
+
+def test_packing_is_passed_to_a_collator_that_can_pack(sft, monkeypatch):
+    class CollatorWithPacking:
+        def __init__(self, tokenizer, *, max_length=None, mask_prompt=True, packing=False):
+            self.packing = packing
+
+    monkeypatch.setattr(sft, "PromptMaskingCollator", CollatorWithPacking)
+    recipe, _ = sft.parse_config(["--config", TINY_YAML, "--packing", "true"])
+    assert sft.build_collator(object(), recipe).packing is True
+    recipe, _ = sft.parse_config(["--config", TINY_YAML])
+    assert sft.build_collator(object(), recipe).packing is False
 
 
 # ------------------------------------------------------------------------------------- end to end
