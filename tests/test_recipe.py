@@ -70,6 +70,17 @@ def write_yaml(path, values) -> str:
     return str(path)
 
 
+def test_yaml_scientific_notation_without_a_dot_is_a_number(sft, tmp_path):
+    # YAML 1.1 reads "2e-4" as a string; the parser converts string defaults with the field's type.
+    config = tmp_path / "lr.yaml"
+    config.write_text(
+        open(TINY_YAML, encoding="utf-8").read().replace("learning_rate: 1.0e-2", "learning_rate: 2e-4")
+    )
+    assert yaml.safe_load(config.read_text())["learning_rate"] == "2e-4"
+    _, training = sft.parse_config(["--config", str(config)])
+    assert training.learning_rate == pytest.approx(2e-4)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
