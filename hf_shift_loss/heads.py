@@ -202,11 +202,17 @@ def lm_head_returns_hidden_states(head: OutputHead) -> Iterator[None]:
     ``[batch, seq, vocab]`` logits are never computed.
     """
     linear = head.lm_head
-    linear.forward = _identity  # an instance attribute shadows nn.Linear.forward for this module only
+    # An instance attribute shadows nn.Linear.forward for this module only. accelerate's device hooks
+    # (device_map="auto") also live in the instance's forward: keep and restore whatever is there.
+    previous_forward = linear.__dict__.get("forward")
+    linear.forward = _identity
     try:
         yield
     finally:
-        del linear.forward
+        if previous_forward is None:
+            del linear.forward
+        else:
+            linear.forward = previous_forward
 
 
 def _identity(hidden: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,15 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from hf_shift_loss.fused import fused_linear_cross_entropy_with_accuracy
+from hf_shift_loss.heads import (
+    OutputHead,
+    UnsupportedOutputHead,
+    get_output_head,
+    lm_head_returns_hidden_states,
+)
 from hf_shift_loss.loss import IGNORE_INDEX, causal_lm_loss, count_correct_tokens, count_trained_tokens
+from hf_shift_loss.packing import check_packing_support
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +123,7 @@ class ShiftLossTrainer(Trainer):
         self.label_smoother = None
         self._loss_metrics = _LossMetrics()
         self._eval_sums: list[torch.Tensor] | None = None
+        self._output_heads: dict[int, OutputHead | None] = {}
 
     # ------------------------------------------------------------------ options
     def _option(self, name: str, default: Any) -> Any:
@@ -141,6 +150,55 @@ class ShiftLossTrainer(Trainer):
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             return self.accelerator.num_processes
         return 1
+
+    # ------------------------------------------------------------------ eager or fused
+    def output_head(self, model: nn.Module) -> OutputHead | None:
+        """The head the fused loss uses for ``model``, or None for the eager path (decided once per model).
+
+        ``loss_impl="eager"`` never fuses. ``"auto"`` and ``"fused"`` fuse when the model splits into a
+        backbone and a plain linear head (:func:`hf_shift_loss.heads.get_output_head`) and the head's
+        full weight is visible; otherwise they fall back to eager and say why, once.
+        """
+        unwrapped = self.accelerator.unwrap_model(model)
+        key = id(unwrapped)
+        if key in self._output_heads:
+            return self._output_heads[key]
+        loss_impl = self._option("loss_impl", "eager")
+        head: OutputHead | None = None
+        if loss_impl != "eager":
+            reason = None
+            if self.is_fsdp_enabled:
+                # FSDP shards the lm_head weight between forward passes; the fused loss would see a shard.
+                reason = "FSDP shards the lm_head weight, and the fused loss needs the full weight"
+            else:
+                try:
+                    head = get_output_head(unwrapped)
+                except UnsupportedOutputHead as error:
+                    reason = str(error)
+            if head is None:
+                logger.warning(
+                    "loss_impl=%r: using the eager loss (full logits) because %s.", loss_impl, reason
+                )
+            else:
+                logger.info(
+                    "loss_impl=%r: fused linear + cross-entropy on %s.", loss_impl, type(unwrapped).__name__
+                )
+        self._output_heads[key] = head
+        return head
+
+    def _hidden_states_and_head(
+        self, model: nn.Module, model_inputs: dict[str, Any], head: OutputHead
+    ) -> tuple[torch.Tensor, Any]:
+        """Run the (wrapped) model with its lm_head as the identity: its "logits" are the hidden states.
+
+        The wrapped model is called, not its backbone, so DDP's gradient hooks, peft and accelerate see
+        the whole forward; the ``[batch, seq, vocab]`` logits are never computed.
+        """
+        with lm_head_returns_hidden_states(head):
+            outputs = model(**model_inputs)
+        hidden = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        # Model parallel: the head may live on another device than the last decoder layer.
+        return hidden.to(head.weight.device), outputs
 
     # ------------------------------------------------------------------ the loss
     def compute_loss(
@@ -170,33 +228,62 @@ class ShiftLossTrainer(Trainer):
                 f"{sorted(inputs)}; use hf_shift_loss.PromptMaskingCollator or add labels in your collator"
             )
         training = model.training
-
-        outputs = model(**model_inputs)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        if "position_ids" in model_inputs and "attention_mask" not in model_inputs:
+            # A packed batch: transformers builds the block-diagonal mask only without a KV cache, and
+            # some attention backends would attend across sequences: refuse those, saying why.
+            model_inputs["use_cache"] = False
+            check_packing_support(
+                self.accelerator.unwrap_model(model), model_inputs["position_ids"], use_cache=False
+            )
         loss_options = {
             "shift": shift,
             "ignore_index": IGNORE_INDEX,
             "label_smoothing": self.args.label_smoothing_factor,
             "z_loss": self._option("z_loss", 0.0),
         }
+        head = self.output_head(model)
+        if head is not None:
+            hidden, outputs = self._hidden_states_and_head(model, model_inputs, head)
+            chunk_size = self._option("fused_chunk_size", None)
+
+            def loss_and_correct(reduction: str, denominator: Any) -> tuple[torch.Tensor, torch.Tensor]:
+                return fused_linear_cross_entropy_with_accuracy(
+                    hidden,
+                    head.weight,
+                    targets,
+                    bias=head.bias,
+                    reduction=reduction,
+                    num_items_in_batch=denominator,
+                    chunk_size=chunk_size,
+                    **loss_options,
+                )
+
+            # The outputs' "logits" are hidden states here: hand the caller the outputs without them.
+            if isinstance(outputs, dict):
+                outputs = type(outputs)(**{key: value for key, value in outputs.items() if key != "logits"})
+        else:
+            outputs = model(**model_inputs)
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+
+            def loss_and_correct(reduction: str, denominator: Any) -> tuple[torch.Tensor, torch.Tensor]:
+                loss = causal_lm_loss(
+                    logits, targets, reduction=reduction, num_items_in_batch=denominator, **loss_options
+                )
+                return loss, count_correct_tokens(logits.detach(), targets, shift=shift)
 
         if training:
-            loss = causal_lm_loss(
-                logits, targets, reduction="mean", num_items_in_batch=num_items_in_batch, **loss_options
-            )
+            loss, correct = loss_and_correct("mean", num_items_in_batch)
             if num_items_in_batch is None:
                 # Called outside Trainer's step loop: a per-micro-batch mean, scaled for accumulation.
-                loss = loss / self.current_gradient_accumulation_steps
+                loss = loss / getattr(self, "current_gradient_accumulation_steps", 1)
             else:
                 loss = loss * self._data_parallel_scale()
-            if self._option("log_token_accuracy", True):
-                correct = count_correct_tokens(logits.detach(), targets, shift=shift)
-            else:
+            if not self._option("log_token_accuracy", True):
                 correct = None
-            self._loss_metrics.add(count_trained_tokens(targets, shift=shift).to(logits.device), correct)
+            self._loss_metrics.add(count_trained_tokens(targets, shift=shift).to(loss.device), correct)
         else:
             # Evaluation: accumulate sum and count so eval_loss is the exact token mean of the eval set.
-            loss_sum = causal_lm_loss(logits, targets, reduction="sum", **loss_options)
+            loss_sum, _ = loss_and_correct("sum", None)
             trained_tokens = count_trained_tokens(targets, shift=shift).to(loss_sum.device)
             if self._eval_sums is not None:
                 self._eval_sums[0] += loss_sum.detach()

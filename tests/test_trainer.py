@@ -186,3 +186,93 @@ def test_missing_labels_raise_a_clear_error(tmp_path):
     trainer = ShiftLossTrainer(model=model, args=make_args(tmp_path))
     with pytest.raises(ValueError, match="needs 'labels'"):
         trainer.compute_loss(model, {"input_ids": torch.ones(1, 3, dtype=torch.long)})
+
+
+def losses_of_a_short_run(tmp_path, model, loss_impl, **overrides):
+    trainer = train_one_step(
+        model,
+        tmp_path / loss_impl,
+        loss_impl=loss_impl,
+        max_steps=4,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        learning_rate=0.1,
+        **overrides,
+    )
+    return trainer, [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+@pytest.mark.parametrize("tie_word_embeddings", [False, True])
+def test_fused_and_eager_give_the_same_loss_curve(tmp_path, tie_word_embeddings):
+    base = tiny_llama(tie_word_embeddings=tie_word_embeddings)
+    eager_trainer, eager = losses_of_a_short_run(tmp_path, copy.deepcopy(base), "eager", z_loss=1e-3)
+    fused_trainer, fused = losses_of_a_short_run(tmp_path, copy.deepcopy(base), "fused", z_loss=1e-3)
+    assert eager_trainer.output_head(eager_trainer.model) is None
+    assert fused_trainer.output_head(fused_trainer.model) is not None
+    assert len(eager) == len(fused) == 4
+    for eager_entry, fused_entry in zip(eager, fused, strict=True):
+        assert fused_entry["loss"] == pytest.approx(eager_entry["loss"], rel=1e-4)
+        assert fused_entry["token_accuracy"] == eager_entry["token_accuracy"]
+        assert fused_entry["trained_tokens"] == eager_entry["trained_tokens"]
+    for (name, eager_param), fused_param in zip(
+        eager_trainer.model.named_parameters(), fused_trainer.model.parameters(), strict=True
+    ):
+        torch.testing.assert_close(fused_param, eager_param, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fused_gradient_accumulation_is_exact_too(tmp_path):
+    base = tiny_llama()
+    results = []
+    for batch_size, accumulation in [(4, 1), (1, 4)]:
+        trainer = train_one_step(
+            copy.deepcopy(base),
+            tmp_path / f"fused{batch_size}",
+            loss_impl="fused",
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+        )
+        results.append(parameters_after(trainer))
+    for name, value in results[0].items():
+        torch.testing.assert_close(results[1][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_with_peft_lora_and_trained_lm_head(tmp_path):
+    base = tiny_llama()
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"], lora_dropout=0.0
+    )
+    # peft draws lora_A from the global generator: the same seed gives both runs the same adapter.
+    torch.manual_seed(0)
+    eager_model = get_peft_model(copy.deepcopy(base), config)
+    torch.manual_seed(0)
+    fused_model = get_peft_model(copy.deepcopy(base), config)
+    eager_trainer, eager = losses_of_a_short_run(tmp_path, eager_model, "eager")
+    fused_trainer, fused = losses_of_a_short_run(tmp_path, fused_model, "fused")
+    assert fused_trainer.output_head(fused_trainer.model) is not None
+    for eager_entry, fused_entry in zip(eager, fused, strict=True):
+        assert fused_entry["loss"] == pytest.approx(eager_entry["loss"], rel=1e-4)
+
+
+def test_unsplittable_model_falls_back_to_eager_and_says_why(tmp_path, caplog):
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], lora_dropout=0.0)
+    model = get_peft_model(tiny_llama(), config)
+    with caplog.at_level("WARNING"):
+        trainer, logged = losses_of_a_short_run(tmp_path, model, "auto")
+    assert trainer.output_head(trainer.model) is None
+    assert "using the eager loss" in caplog.text and "lm_head is adapted by peft" in caplog.text
+    assert caplog.text.count("using the eager loss") == 1
+    assert all(math.isfinite(entry["loss"]) for entry in logged)
+
+
+def test_evaluate_with_the_fused_path_matches_eager(tmp_path):
+    model = tiny_llama()
+    metrics = {}
+    for loss_impl in ("eager", "fused"):
+        trainer = ShiftLossTrainer(
+            model=model,
+            args=make_args(tmp_path / loss_impl, per_device_eval_batch_size=3, loss_impl=loss_impl),
+            eval_dataset=Dataset.from_list(EXAMPLES),
+            data_collator=PromptMaskingCollator(word_tokenizer()),
+        )
+        metrics[loss_impl] = trainer.evaluate()
+    assert metrics["fused"]["eval_loss"] == pytest.approx(metrics["eager"]["eval_loss"], rel=1e-5)
