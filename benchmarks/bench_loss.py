@@ -136,7 +136,7 @@ def run_worker(case: Case, implementation: str, repetitions: int) -> Measurement
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         cpu_seconds.append(time.process_time() - cpu_start)
-        step.loss = float(loss)
+        step.loss = float(loss.detach())
         return seconds
 
     # Memory of one step, measured from the first step (cold: includes what a first call allocates).
@@ -199,26 +199,39 @@ def cases_to_run(quick: bool) -> list[Case]:
     ]
 
 
+def gradient_bytes(case: Case) -> int:
+    """The gradients every implementation returns: hidden ``[N, H]`` and weight ``[V, H]``."""
+    element_size = 4 if case.dtype == "float32" else 2
+    return (case.tokens + case.vocab_size) * case.hidden_size * element_size
+
+
+def workspace_bytes(case: Case, measurement: Measurement) -> int:
+    """Peak extra memory beyond the gradients (never below 0: RSS is measured in pages)."""
+    return max(0, measurement.peak_extra_bytes - gradient_bytes(case))
+
+
 def markdown_table(results: list[tuple[Case, dict[str, Measurement]]]) -> str:
     lines = [
         "| N × H × V | dtype | masked | implementation | time (s) | CPU time (s) | peak extra memory (MiB) "
-        "| time / transformers | time / torch | CPU time / transformers | CPU time / torch "
-        "| memory / transformers | memory / torch |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| workspace (MiB) | time / transformers | time / torch | CPU time / transformers | CPU time / torch "
+        "| memory / transformers | memory / torch | workspace / transformers |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for case, measured in results:
         reference, torch_lce = measured["transformers"], measured["torch"]
         for name in IMPLEMENTATIONS:
             m = measured[name]
+            workspace, reference_workspace = workspace_bytes(case, m), workspace_bytes(case, reference)
             lines.append(
                 f"| {case.tokens} × {case.hidden_size} × {case.vocab_size} | {case.dtype} "
                 f"| {case.masked_fraction:.0%} | {name} | {m.seconds_median:.2f} | {m.cpu_seconds_median:.2f} "
-                f"| {m.peak_extra_bytes / 2**20:.0f} "
+                f"| {m.peak_extra_bytes / 2**20:.0f} | {workspace / 2**20:.0f} "
                 f"| {m.seconds_median / reference.seconds_median:.2f} | {m.seconds_median / torch_lce.seconds_median:.2f} "
                 f"| {m.cpu_seconds_median / reference.cpu_seconds_median:.2f} "
                 f"| {m.cpu_seconds_median / torch_lce.cpu_seconds_median:.2f} "
                 f"| {m.peak_extra_bytes / reference.peak_extra_bytes:.2f} "
-                f"| {m.peak_extra_bytes / torch_lce.peak_extra_bytes:.2f} |"
+                f"| {m.peak_extra_bytes / torch_lce.peak_extra_bytes:.2f} "
+                f"| {workspace / reference_workspace:.2f} |"
             )
     return "\n".join(lines)
 
@@ -271,8 +284,9 @@ from the last hidden states: transformers' own causal-LM loss on the full logits
 (gradients wrt hidden and weight), each implementation in its own process; time is the median of
 {repetitions} repetitions after a warm-up step (wall-clock, and CPU time of the process, which is less
 sensitive to other load on a shared machine), peak extra memory is the high-water mark of one step minus
-the memory holding the inputs (it includes the gradients, `(N + V) · H` floats, that every implementation
-returns). "masked" is the fraction of positions that are prompt (label -100): the fused loss skips them.
+the memory holding the inputs. That includes the gradients wrt hidden and weight, `(N + V) · H` floats,
+which every implementation returns (the weight gradient alone is 1 GiB for V = 128256, H = 2048);
+"workspace" is the peak extra memory minus those gradients: what the loss itself costs. "masked" is the fraction of positions that are prompt (label -100): the fused loss skips them.
 How it works: [fused-loss.md](fused-loss.md). Reproduce with `python benchmarks/bench_loss.py`.
 
 Measured on {device_name}:
@@ -301,12 +315,23 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="small shapes; prints the table only")
     parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--from-json", type=Path, help="rewrite the docs from saved results, measure nothing")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         spec = json.loads(args.worker)
         measurement = run_worker(Case(**spec["case"]), spec["implementation"], spec["repetitions"])
         print(json.dumps(asdict(measurement)))
+        return
+
+    results_json = REPO / "benchmarks" / "results_loss.json"
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        results = [
+            (Case(**entry["case"]), {name: Measurement(**m) for name, m in entry["measured"].items()})
+            for entry in saved["results"]
+        ]
+        write_docs(results, saved["device"], saved["repetitions"])
         return
 
     results = []
@@ -327,10 +352,22 @@ def main() -> None:
 
     print(markdown_table(results))
     if not args.quick:
-        write_section(
-            REPO / "docs" / "performance.md", section_text(results, device_description(), args.repetitions)
-        )
-        plot(results, REPO / "docs" / "img" / "bench_loss.png")
+        device = device_description()
+        saved = {
+            "device": device,
+            "repetitions": args.repetitions,
+            "results": [
+                {"case": asdict(c), "measured": {n: asdict(m) for n, m in ms.items()}} for c, ms in results
+            ],
+        }
+        results_json.write_text(json.dumps(saved, indent=1) + "\n")
+        write_docs(results, device, args.repetitions)
+
+
+def write_docs(results: list[tuple[Case, dict[str, Measurement]]], device: str, repetitions: int) -> None:
+    """Rewrite this benchmark's section of docs/performance.md and its plot."""
+    write_section(REPO / "docs" / "performance.md", section_text(results, device, repetitions))
+    plot(results, REPO / "docs" / "img" / "bench_loss.png")
 
 
 if __name__ == "__main__":
