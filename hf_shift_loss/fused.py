@@ -40,10 +40,12 @@ __all__ = [
     "default_chunk_size",
 ]
 
-# One chunk's float32 logits stay under the smaller of 64 MiB and a quarter of the float32 weight gradient
-# ([vocab, hidden], which every implementation allocates): the chunk is then small next to memory that
-# exists anyway, while its matmuls (>= 64 rows) still run near full speed on CPU and GPU.
-CHUNK_LOGITS_BYTES = 64 * 2**20
+# One chunk's float32 logits stay under the smaller of 256 MiB and a quarter of the float32 weight
+# gradient ([vocab, hidden], which every implementation allocates): the chunk is then small next to memory
+# that exists anyway. Not much smaller: every chunk streams the weight twice and the float32 weight
+# gradient once in and out, so on a 128k vocabulary 512-row chunks measured 12% less CPU time than 128-row
+# ones (docs/performance.md).
+CHUNK_LOGITS_BYTES = 256 * 2**20
 MIN_CHUNK_ROWS = 64
 
 
@@ -446,7 +448,7 @@ def fused_linear_cross_entropy(
             :func:`hf_shift_loss.loss.causal_lm_loss` (``"none"`` returns ``labels``' shape, 0 where not
             trained).
         chunk_size: trained rows per chunk; default :func:`default_chunk_size` (float32 logits of a chunk
-            under min(64 MiB, a quarter of the weight gradient)).
+            under min(256 MiB, a quarter of the weight gradient)).
 
     Returns:
         A float32 scalar (``"mean"``, ``"sum"``) or a float32 tensor shaped like ``labels`` (``"none"``).

@@ -285,8 +285,9 @@ def test_default_chunk_size_keeps_chunks_even_and_under_budget() -> None:
     # A quarter of the 125 MiB weight gradient -> 256 rows of float32 logits.
     assert default_chunk_size(4096, 32000, 1024) == 256
     assert default_chunk_size(4000, 32000, 1024) == 250  # 16 even chunks, not 15 x 256 + 160
-    # 64 MiB -> 130 rows, spread evenly: 16 chunks of 128.
-    assert default_chunk_size(2048, 128256, 2048) == 128
+    # A quarter of the 1002 MiB weight gradient -> 512 rows: 4 chunks.
+    assert default_chunk_size(2048, 128256, 2048) == 512
+    assert default_chunk_size(8192, 128256, 4096) == 512  # the 256 MiB cap -> 523 rows: 16 chunks of 512
     assert default_chunk_size(10_000, 10**7, 8) == 64  # never fewer than 64 rows per chunk
 
 
