@@ -14,7 +14,7 @@ logged loss, the token mean over all 8) must be the same. The examples have very
 counts, so any per-micro-batch or per-rank mean would show.
 
 Writes into --out: ``update.pt`` (rank 0: parameter after - before, ``{name: tensor}``), ``result.json``
-(rank 0: logged loss, reference token mean), ``rank{R}_batches.json`` (the example indices each rank's
+(rank 0: logged loss, the global token mean and the per-example CE sums and counts it comes from), ``rank{R}_batches.json`` (the example indices each rank's
 micro-batches held, in order).
 """
 
@@ -83,16 +83,16 @@ def tiny_llama() -> LlamaForCausalLM:
 
 
 @torch.no_grad()
-def global_token_mean(model: LlamaForCausalLM, examples: list[dict]) -> float:
-    """Sum of CE over every trained target of the 8 examples / their number, one example at a time."""
-    total, count = 0.0, 0
+def example_losses(model: LlamaForCausalLM, examples: list[dict]) -> tuple[list[float], list[int]]:
+    """Per example, one at a time: sum of CE over its trained targets, and their number."""
+    sums, counts = [], []
     for example in examples:
         input_ids = torch.tensor([example["input_ids"]])
         targets = torch.tensor(example["labels"][1:])
         logits = model(input_ids).logits[0, :-1].float()
-        total += F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item()
-        count += int((targets != -100).sum())
-    return total / count
+        sums.append(F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item())
+        counts.append(int((targets != -100).sum()))
+    return sums, counts
 
 
 def main() -> None:
@@ -110,7 +110,7 @@ def main() -> None:
     examples = make_examples()
     model = tiny_llama()
     before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
-    reference_mean = global_token_mean(model, examples)
+    loss_sums, trained_counts = example_losses(model, examples)
 
     args = ShiftLossArguments(
         output_dir=os.path.join(options.out, "trainer"),
@@ -150,7 +150,9 @@ def main() -> None:
         logged = [entry for entry in trainer.state.log_history if "loss" in entry]
         result = {
             "logged_loss": logged[0]["loss"],
-            "reference_token_mean": reference_mean,
+            "reference_token_mean": sum(loss_sums) / sum(trained_counts),
+            "example_loss_sums": loss_sums,
+            "example_trained_tokens": trained_counts,
             "trained_tokens": logged[0].get("trained_tokens"),
             "world_size": trainer.accelerator.num_processes,
         }
