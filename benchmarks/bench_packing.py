@@ -253,6 +253,13 @@ def main() -> None:
         )
 
     markdown = table(results)
+    slot_totals = {(r.model, r.layout): r.slots_per_step * r.steps_per_epoch for r in results}
+    slots_line = "Tensor slots per epoch (padding included): " + "; ".join(
+        f"{model}: padded {slot_totals[(model, 'padded')]:.0f}, packed {slot_totals[(model, 'packed')]:.0f} "
+        f"({slot_totals[(model, 'padded')] / slot_totals[(model, 'packed')]:.2f}x fewer)"
+        for model in dict.fromkeys(r.model for r in results)
+    )
+    print(slots_line)
     print(markdown)
     section = (
         "## Packing\n\n"
@@ -269,8 +276,10 @@ def main() -> None:
         "shapes differ, and padded and packed steps alternate so that other load on the machine hits both "
         "alike). *slots* = `input_ids.numel()` (padding included); *fill* = real tokens / slots.\n\n"
         f"{markdown}\n\n"
-        "Packing wins by removing padding compute; the block-diagonal mask costs sdpa its `is_causal` fast "
-        "path (an explicit mask), which is why the gain is smaller than the padding removed. Setup and "
+        f"{slots_line}\n\n"
+        "What packing removes is padding: the slots above, deterministic. Both layouts run the same sdpa "
+        "kernel with an explicit mask (padding needs one too), and matmul time follows the slot count; "
+        "wall and CPU timings on a shared machine are noisy, so rerun on your hardware. Setup and "
         "caveats: [packing.md](packing.md).\n"
     )
     if options.update_docs:
