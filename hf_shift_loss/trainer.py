@@ -49,10 +49,10 @@ _TARGET_KEYS = ("labels", "shift_labels")
 class ShiftLossArguments(TrainingArguments):
     """``TrainingArguments`` plus the loss options of :class:`ShiftLossTrainer`.
 
-    ``label_smoothing_factor`` (inherited) is passed to the loss. Two inherited defaults change:
+    ``label_smoothing_factor`` (inherited) is passed to the loss. Three inherited defaults change:
     ``remove_unused_columns=False`` (the collator needs the raw ``prompt``/``completion``/``messages``
-    columns) and ``prediction_loss_only=True`` (evaluation does not gather ``[batch, seq, vocab]``
-    logits of every batch).
+    columns), ``prediction_loss_only=True`` (evaluation does not gather ``[batch, seq, vocab]``
+    logits of every batch) and ``ddp_find_unused_parameters=False``.
     """
 
     loss_impl: Literal["auto", "eager", "fused"] = field(
@@ -84,6 +84,13 @@ class ShiftLossArguments(TrainingArguments):
     prediction_loss_only: bool = field(
         default=True,
         metadata={"help": "Evaluation returns the loss only, without gathering full logits."},
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "find_unused_parameters of DistributedDataParallel. Every parameter of a causal LM gets "
+            "a gradient from the loss (the fused path too), so the costly search is off by default."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -303,6 +310,11 @@ class ShiftLossTrainer(Trainer):
             if stats is not None and hasattr(stats, "untrained_examples"):
                 logs["dropped_examples"] = float(stats.untrained_examples)
                 logs["truncated_tokens"] = float(stats.truncated_tokens)
+            packing_stats = getattr(self.data_collator, "packing_stats", None)
+            if getattr(self.data_collator, "packing", False) and packing_stats is not None:
+                logs["packing_fill"] = packing_stats.fill
+                logs["packing_truncated_tokens"] = float(packing_stats.truncated_tokens)
+                logs["packing_lost_boundary_targets"] = float(packing_stats.lost_boundary_targets)
         super().log(logs, start_time)
 
     def evaluation_loop(

@@ -276,3 +276,30 @@ def test_evaluate_with_the_fused_path_matches_eager(tmp_path):
         )
         metrics[loss_impl] = trainer.evaluate()
     assert metrics["fused"]["eval_loss"] == pytest.approx(metrics["eager"]["eval_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("loss_impl", ["eager", "fused"])
+def test_packed_step_equals_padded_step(tmp_path, loss_impl):
+    """Packing changes the layout, not the update: same loss, same parameters after one step."""
+    base = tiny_llama()
+    results = {}
+    for packing in (False, True):
+        tokenizer = word_tokenizer()
+        collator = PromptMaskingCollator(tokenizer, max_length=32, packing=packing)
+        trainer = ShiftLossTrainer(
+            model=copy.deepcopy(base),
+            args=make_args(tmp_path / f"{loss_impl}{packing}", loss_impl=loss_impl),
+            train_dataset=Dataset.from_list(EXAMPLES),
+            data_collator=collator,
+        )
+        batch = collator(EXAMPLES)
+        assert ("attention_mask" in batch) is not packing
+        trainer.train()
+        logged = [entry for entry in trainer.state.log_history if "loss" in entry][0]
+        results[packing] = (logged, parameters_after(trainer))
+    (padded_log, padded_params), (packed_log, packed_params) = results[False], results[True]
+    assert packed_log["loss"] == pytest.approx(padded_log["loss"], rel=1e-5)
+    assert packed_log["trained_tokens"] == padded_log["trained_tokens"] == 22
+    assert packed_log["packing_fill"] > 0.5
+    for name, value in padded_params.items():
+        torch.testing.assert_close(packed_params[name], value, rtol=1e-4, atol=1e-6, msg=name)
