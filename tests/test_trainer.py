@@ -303,3 +303,13 @@ def test_packed_step_equals_padded_step(tmp_path, loss_impl):
     assert packed_log["packing_fill"] > 0.5
     for name, value in padded_params.items():
         torch.testing.assert_close(packed_params[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fsdp_falls_back_to_eager_and_says_why(tmp_path, caplog):
+    model = tiny_llama()
+    trainer = ShiftLossTrainer(model=model, args=make_args(tmp_path, loss_impl="fused"))
+    trainer.is_fsdp_enabled = True  # what Trainer sets under an FSDP accelerate config
+    with caplog.at_level("WARNING"):
+        assert trainer.output_head(model) is None
+        assert trainer.output_head(model) is None
+    assert caplog.text.count("FSDP shards the lm_head weight") == 1
