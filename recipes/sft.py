@@ -149,6 +149,14 @@ class RecipeConfig:
         default="float32",
         metadata={"help": "Parameter dtype of the loaded model ('auto' = the checkpoint's)."},
     )
+    device_map: str | None = field(
+        default=None,
+        metadata={
+            "help": "Model-parallel placement for one process: 'auto' spreads the layers over the visible "
+            "GPUs (launch with python or accelerate launch --num_processes 1, never with DDP/FSDP). The "
+            "loss moves labels (eager) or hidden states (fused) to the lm_head's device. Empty: one device."
+        },
+    )
     # ------------------------------------------------------------------------------------ data
     data_path: str = field(
         default="recipes/data/humaneval_sft.jsonl",
@@ -217,6 +225,8 @@ class RecipeConfig:
             self.tokenizer_name_or_path = None
         if self.gguf_file == "":
             self.gguf_file = None
+        if self.device_map in ("", "none", "None"):
+            self.device_map = None
         if self.model_name_or_path is None and self.gguf_file is not None:
             raise ValueError("gguf_file is set but model_name_or_path is empty: say which directory holds it")
         if self.model_dtype not in ("float32", "bfloat16", "float16", "auto"):
@@ -358,7 +368,7 @@ def load_components(recipe: RecipeConfig, seed: int) -> tuple[Any, PreTrainedMod
         )
         description = f"random tiny Llama (hidden {recipe.tiny_hidden_size}, 2 layers, seed {seed})"
     else:
-        model = load_model(model_source, gguf_file=gguf_file, dtype=dtype)
+        model = load_model(model_source, gguf_file=gguf_file, dtype=dtype, device_map=recipe.device_map)
         description = f"{model_source}" + (f" [{gguf_file}]" if gguf_file else "")
     return tokenizer, model, description
 
