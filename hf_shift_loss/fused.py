@@ -29,6 +29,7 @@ from hf_shift_loss.loss import (
     IGNORE_INDEX,
     Reduction,
     _check_reduction,
+    check_labels_shape,
     reduce_token_losses,
     shift_labels,
     validate_labels,
@@ -373,12 +374,7 @@ def _validate_inputs(
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be [vocab] = ({weight.shape[0]},), got shape {tuple(bias.shape)}")
-    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(
-            f"labels shape {tuple(labels.shape)} does not match hidden shape {tuple(hidden.shape)} without "
-            f"its hidden dimension {tuple(hidden.shape[:-1])}. Pass labels aligned with input_ids (the loss "
-            "shifts them) or pre-shifted targets with shift=False."
-        )
+    check_labels_shape(labels, hidden, "hidden", "hidden")
     if labels.is_floating_point() or labels.dtype == torch.bool:
         raise ValueError(f"labels must be integer token ids, got {labels.dtype}")
 

@@ -73,6 +73,18 @@ def validate_labels(targets: torch.Tensor, vocab_size: int, ignore_index: int = 
         )
 
 
+def check_labels_shape(
+    labels: torch.Tensor, scores: torch.Tensor, scores_name: str, last_dim_name: str
+) -> None:
+    """Raise ``ValueError`` unless ``labels`` is shaped like ``scores`` without its last dimension."""
+    if tuple(labels.shape) != tuple(scores.shape[:-1]):
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match {scores_name} shape {tuple(scores.shape)} "
+            f"without its {last_dim_name} dimension {tuple(scores.shape[:-1])}. Pass labels aligned with "
+            "input_ids (the loss shifts them) or pre-shifted targets with shift=False."
+        )
+
+
 def reduce_token_losses(
     token_losses: torch.Tensor,
     trained: torch.Tensor,
@@ -149,12 +161,7 @@ def causal_lm_loss(
     _check_reduction(reduction, label_smoothing, z_loss)
     if logits.dim() < 2:
         raise ValueError(f"logits must be [..., vocab], got shape {tuple(logits.shape)}")
-    if tuple(labels.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(
-            f"labels shape {tuple(labels.shape)} does not match logits shape {tuple(logits.shape)} "
-            f"without its vocab dimension {tuple(logits.shape[:-1])}. Pass labels aligned with input_ids "
-            "(the loss shifts them) or pre-shifted targets with shift=False."
-        )
+    check_labels_shape(labels, logits, "logits", "vocab")
     if logits.is_floating_point() is False:
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
     vocab_size = logits.shape[-1]

@@ -451,6 +451,31 @@ def save_resolved_config(recipe: RecipeConfig, training: ShiftLossArguments) -> 
 
 
 # ------------------------------------------------------------------------------------------------ main
+def reset_peak_memory() -> None:
+    """Start a new high-water mark, so that model loading (GGUF dequantization) does not hide training's."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as file:  # Linux: "5" resets VmHWM, the peak RSS
+            file.write("5")
+    except OSError:
+        pass
+
+
+def training_peak_memory_mib() -> str:
+    """Peak memory since :func:`reset_peak_memory`: CUDA max allocated, else the process's peak RSS."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB CUDA max allocated"
+    try:
+        with open("/proc/self/status") as file:
+            for line in file:
+                if line.startswith("VmHWM:"):
+                    return f"{int(line.split()[1]) / 1024:.0f} MiB peak RSS"
+    except OSError:
+        pass
+    return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
@@ -542,12 +567,16 @@ def main(argv: list[str] | None = None) -> int:
         say(f"--- sample before training (held-out row {recipe.sample_index}) ---\n{text}\n---")
 
     # ---- train
+    reset_peak_memory()
     train_started = time.perf_counter()
     train_result = trainer.train()
     train_seconds = time.perf_counter() - train_started
+    peak_memory = training_peak_memory_mib()
     say(
         f"trained {train_result.global_step} steps in {train_seconds:.0f}s, "
-        f"train loss {train_result.training_loss:.4f}"
+        f"train loss {train_result.training_loss:.4f}, loss_impl={training.loss_impl} "
+        f"({'fused' if trainer.output_head(trainer.model) is not None else 'eager'}), "
+        f"peak memory during training: {peak_memory}"
     )
 
     # ---- after
@@ -575,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval_loss_relative_change": change,
             "train_steps": train_result.global_step,
             "train_seconds": train_seconds,
+            "train_peak_memory": peak_memory,
             "wall_seconds": time.perf_counter() - started,
         }
         with open(os.path.join(training.output_dir, "recipe_results.json"), "w", encoding="utf-8") as file:
