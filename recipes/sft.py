@@ -451,29 +451,42 @@ def save_resolved_config(recipe: RecipeConfig, training: ShiftLossArguments) -> 
 
 
 # ------------------------------------------------------------------------------------------------ main
+def _proc_status_mib(field_name: str) -> float | None:
+    try:
+        with open("/proc/self/status") as file:
+            for line in file:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+_TRAINING_START_MIB: dict[str, float | None] = {}
+
+
 def reset_peak_memory() -> None:
     """Start a new high-water mark, so that model loading (GGUF dequantization) does not hide training's."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+        _TRAINING_START_MIB["cuda"] = torch.cuda.memory_allocated() / 2**20
     try:
-        with open("/proc/self/clear_refs", "w") as file:  # Linux: "5" resets VmHWM, the peak RSS
+        with open("/proc/self/clear_refs", "w") as file:  # Linux: "5" resets VmHWM to the current RSS
             file.write("5")
     except OSError:
         pass
+    _TRAINING_START_MIB["rss"] = _proc_status_mib("VmRSS")
 
 
 def training_peak_memory_mib() -> str:
-    """Peak memory since :func:`reset_peak_memory`: CUDA max allocated, else the process's peak RSS."""
+    """Peak memory since :func:`reset_peak_memory` and its rise over the start of training."""
     if torch.cuda.is_available():
-        return f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB CUDA max allocated"
-    try:
-        with open("/proc/self/status") as file:
-            for line in file:
-                if line.startswith("VmHWM:"):
-                    return f"{int(line.split()[1]) / 1024:.0f} MiB peak RSS"
-    except OSError:
-        pass
-    return "unknown"
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        return f"{peak:.0f} MiB CUDA max allocated (+{peak - _TRAINING_START_MIB['cuda']:.0f} MiB)"
+    peak, start = _proc_status_mib("VmHWM"), _TRAINING_START_MIB.get("rss")
+    if peak is None or start is None:
+        return "unknown"
+    return f"{peak:.0f} MiB peak RSS (+{peak - start:.0f} MiB over the start of training)"
 
 
 def main(argv: list[str] | None = None) -> int:
