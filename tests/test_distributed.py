@@ -88,7 +88,7 @@ def _run_single(out: str) -> dict:
     return _run(command, out)
 
 
-def _run_two_ranks(out: str, average_tokens_across_devices: bool) -> dict:
+def _run_two_ranks(out: str, average_tokens_across_devices: bool, loss_impl: str = "eager") -> dict:
     command = [
         *(sys.executable, "-m", "accelerate.commands.launch"),
         *("--multi_gpu", "--num_processes", "2", "--num_machines", "1"),
@@ -97,6 +97,7 @@ def _run_two_ranks(out: str, average_tokens_across_devices: bool) -> dict:
         SCRIPT,
         *("--out", out, "--per-device-batch", "2", "--accumulation", "2"),
         *("--average-tokens-across-devices", str(int(average_tokens_across_devices))),
+        *("--loss-impl", loss_impl),
     ]
     return _run(command, out)
 
@@ -154,3 +155,11 @@ def test_without_token_averaging_the_update_differs(reference, tmp_path):
     mean_of_rank_means = sum(rank_means) / len(rank_means)
     assert per_rank["logged_loss"] == pytest.approx(mean_of_rank_means, rel=1e-5)
     assert per_rank["logged_loss"] != pytest.approx(reference["reference_token_mean"], rel=1e-4)
+
+
+def test_two_ranks_with_the_fused_loss_match_one_process(reference, tmp_path):
+    """The fused path calls the DDP-wrapped model (lm_head as identity), so DDP still syncs gradients."""
+    fused = _run_two_ranks(str(tmp_path), average_tokens_across_devices=True, loss_impl="fused")
+    assert fused["fused"] is True and reference["fused"] is False
+    assert _max_relative_difference(fused["update"], reference["update"]) < 1e-4
+    assert fused["logged_loss"] == pytest.approx(reference["reference_token_mean"], rel=1e-5)
