@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from hf_shift_loss.fused import fused_linear_cross_entropy_with_accuracy
+from hf_shift_loss.fused import fused_linear_cross_entropy, fused_linear_cross_entropy_with_accuracy
 from hf_shift_loss.heads import (
     OutputHead,
     UnsupportedOutputHead,
@@ -253,8 +253,13 @@ class ShiftLossTrainer(Trainer):
             hidden, outputs = self._hidden_states_and_head(model, model_inputs, head)
             chunk_size = self._option("fused_chunk_size", None)
 
-            def loss_and_correct(reduction: str, denominator: Any) -> tuple[torch.Tensor, torch.Tensor]:
-                return fused_linear_cross_entropy_with_accuracy(
+            def loss_and_correct(
+                reduction: str, denominator: Any, count_correct: bool
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                fused_loss = (
+                    fused_linear_cross_entropy_with_accuracy if count_correct else fused_linear_cross_entropy
+                )
+                result = fused_loss(
                     hidden,
                     head.weight,
                     targets,
@@ -264,6 +269,7 @@ class ShiftLossTrainer(Trainer):
                     chunk_size=chunk_size,
                     **loss_options,
                 )
+                return result if count_correct else (result, None)
 
             # The outputs' "logits" are hidden states here: hand the caller the outputs without them.
             if isinstance(outputs, dict):
@@ -272,25 +278,31 @@ class ShiftLossTrainer(Trainer):
             outputs = model(**model_inputs)
             logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
 
-            def loss_and_correct(reduction: str, denominator: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            def loss_and_correct(
+                reduction: str, denominator: Any, count_correct: bool
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
                 loss = causal_lm_loss(
                     logits, targets, reduction=reduction, num_items_in_batch=denominator, **loss_options
                 )
-                return loss, count_correct_tokens(logits.detach(), targets, shift=shift)
+                # The argmax is another pass over [batch, seq, vocab]: only when the accuracy is logged.
+                correct = (
+                    count_correct_tokens(logits.detach(), targets, shift=shift) if count_correct else None
+                )
+                return loss, correct
 
         if training:
-            loss, correct = loss_and_correct("mean", num_items_in_batch)
+            loss, correct = loss_and_correct(
+                "mean", num_items_in_batch, self._option("log_token_accuracy", True)
+            )
             if num_items_in_batch is None:
                 # Called outside Trainer's step loop: a per-micro-batch mean, scaled for accumulation.
                 loss = loss / getattr(self, "current_gradient_accumulation_steps", 1)
             else:
                 loss = loss * self._data_parallel_scale()
-            if not self._option("log_token_accuracy", True):
-                correct = None
             self._loss_metrics.add(count_trained_tokens(targets, shift=shift).to(loss.device), correct)
         else:
             # Evaluation: accumulate sum and count so eval_loss is the exact token mean of the eval set.
-            loss_sum, _ = loss_and_correct("sum", None)
+            loss_sum, _ = loss_and_correct("sum", None, count_correct=False)
             trained_tokens = count_trained_tokens(targets, shift=shift).to(loss_sum.device)
             if self._eval_sums is not None:
                 self._eval_sums[0] += loss_sum.detach()

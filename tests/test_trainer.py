@@ -313,3 +313,17 @@ def test_fsdp_falls_back_to_eager_and_says_why(tmp_path, caplog):
         assert trainer.output_head(model) is None
         assert trainer.output_head(model) is None
     assert caplog.text.count("FSDP shards the lm_head weight") == 1
+
+
+@pytest.mark.parametrize("loss_impl", ["eager", "fused"])
+def test_token_accuracy_is_not_computed_when_not_logged(tmp_path, loss_impl, monkeypatch):
+    import hf_shift_loss.trainer as trainer_module
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("token accuracy computed although log_token_accuracy=False")
+
+    monkeypatch.setattr(trainer_module, "count_correct_tokens", forbidden)
+    monkeypatch.setattr(trainer_module, "fused_linear_cross_entropy_with_accuracy", forbidden)
+    trainer = train_one_step(tiny_llama(), tmp_path, loss_impl=loss_impl, log_token_accuracy=False)
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry][0]
+    assert "token_accuracy" not in logged and logged["trained_tokens"] == 22
