@@ -176,17 +176,28 @@ def causal_lm_loss(
     flat_targets = targets.reshape(-1)
     trained = flat_targets != ignore_index
 
-    # The loss: cross-entropy of each position's logits against the next token, 0 where ignored.
-    token_losses = F.cross_entropy(
-        flat_logits,
-        flat_targets,
-        ignore_index=ignore_index,
-        reduction="none",
-        label_smoothing=label_smoothing,
-    )
-    if z_loss > 0.0:
+    if z_loss == 0.0:
+        # The loss: cross-entropy of each position's logits against the next token, 0 where ignored.
+        token_losses = F.cross_entropy(
+            flat_logits,
+            flat_targets,
+            ignore_index=ignore_index,
+            reduction="none",
+            label_smoothing=label_smoothing,
+        )
+    else:
+        # One logsumexp serves the cross-entropy (lse - x_target) and the z-loss (lse^2): a second pass
+        # over the logits just for the z-loss would double the largest reads of the step.
         log_partition = torch.logsumexp(flat_logits, dim=-1)
-        token_losses = token_losses + z_loss * log_partition.square() * trained
+        target_logits = flat_logits.gather(-1, flat_targets.masked_fill(~trained, 0).unsqueeze(-1)).squeeze(
+            -1
+        )
+        token_losses = log_partition - target_logits
+        if label_smoothing > 0.0:
+            uniform_losses = log_partition - flat_logits.mean(dim=-1)
+            token_losses = (1.0 - label_smoothing) * token_losses + label_smoothing * uniform_losses
+        token_losses = token_losses + z_loss * log_partition.square()
+        token_losses = torch.where(trained, token_losses, torch.zeros_like(token_losses))
 
     if reduction == "none":
         return token_losses.view(targets.shape)

@@ -208,3 +208,22 @@ def test_property_sum_is_additive_over_any_batch_split(batch, seq, vocab, masked
         torch.testing.assert_close(mean, article_formulation(logits, labels), rtol=1e-5, atol=1e-6)
     else:
         assert mean.item() == 0.0
+
+
+def test_z_loss_with_label_smoothing_value_and_gradient_match_the_definition():
+    logits, labels = random_batch(seed=3)
+    logits.requires_grad_(True)
+    targets = shift_labels(labels).reshape(-1)
+    trained = targets != -100
+    flat = logits.reshape(-1, 11)
+    reference = (
+        F.cross_entropy(flat, targets, label_smoothing=0.2, reduction="sum")
+        + 1e-2 * torch.logsumexp(flat[trained], -1).square().sum()
+    ) / trained.sum()
+    ours = causal_lm_loss(logits, labels, label_smoothing=0.2, z_loss=1e-2)
+    torch.testing.assert_close(ours, reference)
+    (grad_ours,) = torch.autograd.grad(ours, logits)
+    (grad_reference,) = torch.autograd.grad(reference, logits)
+    torch.testing.assert_close(grad_ours, grad_reference)
+    none = causal_lm_loss(logits, labels, label_smoothing=0.2, z_loss=1e-2, reduction="none")
+    assert torch.all(none.reshape(-1)[~trained] == 0)
