@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 
 from hf_shift_loss.loss import IGNORE_INDEX
-from hf_shift_loss.packing import PackingStats, pack_batch
+from hf_shift_loss.packing import PackingStats, pack_batch, read_ids_and_labels
 
 logger = logging.getLogger(__name__)
 
@@ -275,14 +275,7 @@ class PromptMaskingCollator:
         return encoded
 
     def _encode_pretokenized(self, example: Mapping[str, Any], where: str) -> dict[str, Any]:
-        input_ids = [int(token) for token in _as_list(example["input_ids"])]
-        labels = example.get("labels")
-        labels = list(input_ids) if labels is None else [int(label) for label in _as_list(labels)]
-        if len(labels) != len(input_ids):
-            raise ValueError(
-                f"{where}: 'labels' has {len(labels)} entries but 'input_ids' has {len(input_ids)}; labels "
-                "must be aligned with input_ids (the loss shifts them, do not pre-shift)"
-            )
+        input_ids, labels = read_ids_and_labels(example, where)
         truncated_tokens = int(example.get("truncated_tokens", 0) or 0)
         truncated_completion = int(example.get("truncated_completion", 0) or 0)
         if self.max_length is not None and len(input_ids) > self.max_length:
@@ -369,12 +362,6 @@ class PromptMaskingCollator:
         stats.truncated_examples += int(truncated > 0 or int(encoded.get("dropped_turns", 0)) > 0)
         stats.truncated_completions += int(encoded.get("truncated_completion", 0))
         stats.dropped_turns += int(encoded.get("dropped_turns", 0))
-
-
-def _as_list(values: Any) -> list:
-    if torch.is_tensor(values):
-        return values.tolist()
-    return list(values)
 
 
 def _trained_targets(labels: Sequence[int], ignore_index: int) -> int:

@@ -185,13 +185,7 @@ def pack_examples(
 
     sequences: list[tuple[list[int], list[int]]] = []
     for index, example in enumerate(encoded):
-        input_ids = [int(token) for token in _as_list(example["input_ids"])]
-        labels = example.get("labels")
-        labels = list(input_ids) if labels is None else [int(label) for label in _as_list(labels)]
-        if len(labels) != len(input_ids):
-            raise ValueError(
-                f"example {index}: 'labels' has {len(labels)} entries but 'input_ids' has {len(input_ids)}"
-            )
+        input_ids, labels = read_ids_and_labels(example, f"example {index}")
         if not input_ids:
             raise ValueError(f"example {index}: empty input_ids")
         stats.examples += 1
@@ -361,6 +355,23 @@ def _find_config(model: Any) -> Any:
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
     return config
+
+
+def read_ids_and_labels(example: Mapping[str, Any], where: str) -> tuple[list[int], list[int]]:
+    """``input_ids`` and ``labels`` of a pre-tokenized example as int lists (lists or tensors accepted).
+
+    Without ``labels`` every token is trained (labels = input_ids). Raises ``ValueError`` naming
+    ``where`` when the two are not aligned.
+    """
+    input_ids = [int(token) for token in _as_list(example["input_ids"])]
+    labels = example.get("labels")
+    labels = list(input_ids) if labels is None else [int(label) for label in _as_list(labels)]
+    if len(labels) != len(input_ids):
+        raise ValueError(
+            f"{where}: 'labels' has {len(labels)} entries but 'input_ids' has {len(input_ids)}; labels "
+            "must be aligned with input_ids (the loss shifts them, do not pre-shift)"
+        )
+    return input_ids, labels
 
 
 def _as_list(values: Any) -> list:
