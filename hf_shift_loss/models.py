@@ -181,6 +181,7 @@ def build_tiny_llama(
     pad_token_id: int | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
 ) -> LlamaForCausalLM:
     """A randomly initialised Llama small enough to train on a CPU in seconds.
 
@@ -211,6 +212,8 @@ def build_tiny_llama(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
     )
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:

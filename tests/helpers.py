@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from hf_shift_loss.models import build_tiny_llama
 
 WORDS = (
     "where is the capital of China The Beijing what France Paris a an and city big small river "
@@ -32,19 +34,30 @@ def word_tokenizer(add_bos: bool = True) -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_llama(vocab_size: int = 64, seed: int = 0, **overrides) -> LlamaForCausalLM:
+def tiny_llama(
+    vocab_size: int = 64,
+    seed: int = 0,
+    tie_word_embeddings: bool = False,
+    attn_implementation: str | None = None,
+) -> LlamaForCausalLM:
+    """The tests' tiny Llama: hidden 32, 2 layers, 4 heads (2 KV), ids pad 0 / bos 1 / eos 2.
+
+    Also seeds the global generator: peft draws adapter weights from it, so what a test builds after
+    the model is reproducible whatever ran before.
+    """
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
+    return build_tiny_llama(
+        vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
+        tie_word_embeddings=tie_word_embeddings,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
-        **overrides,
+        seed=seed,
+        attn_implementation=attn_implementation,
     )
-    return LlamaForCausalLM(config)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import helpers
 import pytest
 import torch
 from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 from torch import nn
-from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM
 
 from hf_shift_loss.fused import fused_linear_cross_entropy, fused_linear_cross_entropy_with_accuracy
 from hf_shift_loss.heads import (
@@ -22,17 +23,7 @@ VOCAB = 101
 
 
 def tiny_llama(tie_word_embeddings: bool = False, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        tie_word_embeddings=tie_word_embeddings,
-    )
-    return LlamaForCausalLM(config).float()
+    return helpers.tiny_llama(VOCAB, seed=seed, tie_word_embeddings=tie_word_embeddings)
 
 
 def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:

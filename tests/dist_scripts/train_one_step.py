@@ -29,9 +29,13 @@ import sys
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from hf_shift_loss.trainer import ShiftLossArguments, ShiftLossTrainer
+
+# The tests' own tiny Llama (tests/helpers.py), so that the reference and the ranks build the same model.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from helpers import tiny_llama  # noqa: E402
 
 VOCAB_SIZE = 128
 # (prompt tokens, completion tokens) per example: trained-token counts from 1 to 45.
@@ -70,19 +74,6 @@ class RecordingCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB_SIZE,
-    )
-    return LlamaForCausalLM(config)
-
-
 @torch.no_grad()
 def example_losses(model: LlamaForCausalLM, examples: list[dict]) -> tuple[list[float], list[int]]:
     """Per example, one at a time: sum of CE over its trained targets, and their number."""
@@ -110,7 +101,7 @@ def main() -> None:
     os.makedirs(options.out, exist_ok=True)
 
     examples = make_examples()
-    model = tiny_llama()
+    model = tiny_llama(VOCAB_SIZE)
     before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
     loss_sums, trained_counts = example_losses(model, examples)
 
