@@ -23,6 +23,9 @@ See docs/fused-loss.md for the memory and FLOP math.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Literal, overload
+
 import torch
 
 from hf_shift_loss.loss import (
@@ -37,7 +40,6 @@ from hf_shift_loss.loss import (
 
 __all__ = [
     "fused_linear_cross_entropy",
-    "fused_linear_cross_entropy_with_accuracy",
     "default_chunk_size",
 ]
 
@@ -139,6 +141,53 @@ def _grad_logits_(
     return grad
 
 
+def _chunk_loop(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int,
+    needs_grad: tuple[bool, bool, bool],
+    visit: Callable[[slice, torch.Tensor, torch.Tensor], torch.Tensor | None],
+) -> _GradientAccumulator | None:
+    """The one loop over chunks of trained rows, serving the forward and the backward recompute.
+
+    For each chunk of ``rows`` (indices into ``hidden``) it writes the chunk's float32 logits
+    ``[rows, V]`` into a buffer reused by every chunk (:func:`_chunk_logits`) and calls
+    ``visit(span, logits, chunk_targets)``, where ``span`` is the chunk's slice of ``rows``/``targets``.
+    ``visit`` may overwrite ``logits`` in place and returns d(loss)/d(logits) of the chunk (float32
+    ``[rows, V]``, usually ``logits`` itself), or None when no gradient is wanted.
+
+    Returns:
+        The gradients wrt ``hidden``, ``weight`` and ``bias`` accumulated over the chunks, or None when
+        ``needs_grad`` is all False (then nothing is allocated for them).
+    """
+    num_trained = rows.shape[0]
+    vocab_size = weight.shape[0]
+    rows_per_chunk = max(1, min(chunk_size, num_trained))
+    logits_buffer = torch.empty(rows_per_chunk, vocab_size, dtype=torch.float32, device=hidden.device)
+    low_precision_buffer = (
+        torch.empty(rows_per_chunk, vocab_size, dtype=weight.dtype, device=hidden.device)
+        if weight.dtype != torch.float32
+        else None
+    )
+    grads = (
+        _GradientAccumulator(hidden, weight, bias, needs_grad, rows_per_chunk) if any(needs_grad) else None
+    )
+    for start in range(0, num_trained, rows_per_chunk):
+        end = min(start + rows_per_chunk, num_trained)
+        chunk_rows = rows[start:end]
+        hidden_rows = hidden.index_select(0, chunk_rows)
+        logits = logits_buffer[: end - start]
+        low_precision_logits = None if low_precision_buffer is None else low_precision_buffer[: end - start]
+        _chunk_logits(hidden_rows, weight, bias, logits, low_precision_logits)
+        grad_logits = visit(slice(start, end), logits, targets[start:end])
+        if grads is not None and grad_logits is not None:
+            grads.add_chunk(grad_logits, low_precision_logits, hidden_rows, chunk_rows)
+    return grads
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Chunked ``lm_head`` + cross-entropy over the selected rows of ``hidden`` (see the module docstring).
 
@@ -148,6 +197,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     forward outputs: the float32 loss (the sum over trained tokens when ``per_token`` is False, else the
     ``[trained]`` losses) and the 0-dim int64 number of correct argmax predictions (if ``count_correct``).
+
+    forward and backward run the same :func:`_chunk_loop`; they differ only in what they do with a
+    chunk's logits.
     """
 
     @staticmethod
@@ -166,55 +218,43 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         needs_grad: tuple[bool, bool, bool],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         num_trained = rows.shape[0]
-        vocab_size, hidden_size = weight.shape
         device = hidden.device
-        low_precision = weight.dtype != torch.float32
         # Scalar loss: gradients now, while the logits are in memory (module docstring, point 3).
         grads_in_forward = not per_token and any(needs_grad)
 
-        rows_per_chunk = max(1, min(chunk_size, num_trained))
-        logits_buffer = torch.empty(rows_per_chunk, vocab_size, dtype=torch.float32, device=device)
-        low_precision_buffer = (
-            torch.empty(rows_per_chunk, vocab_size, dtype=weight.dtype, device=device)
-            if low_precision
-            else None
-        )
         summed_loss = torch.zeros((), dtype=torch.float32, device=device)
         token_losses = torch.empty(num_trained if per_token else 0, dtype=torch.float32, device=device)
         log_partitions = torch.empty(num_trained if per_token else 0, dtype=torch.float32, device=device)
         correct_tokens = torch.zeros((), dtype=torch.int64, device=device)
 
-        grad_hidden = grad_weight = grad_bias = None
-        if grads_in_forward:
-            grads = _GradientAccumulator(hidden, weight, bias, needs_grad, rows_per_chunk)
-
-        for start in range(0, num_trained, rows_per_chunk):
-            end = min(start + rows_per_chunk, num_trained)
-            chunk_rows, chunk_targets = rows[start:end], targets[start:end]
-            hidden_rows = hidden.index_select(0, chunk_rows)
-            logits = logits_buffer[: end - start]
-            low_precision_logits = (
-                None if low_precision_buffer is None else low_precision_buffer[: end - start]
-            )
-            _chunk_logits(hidden_rows, weight, bias, logits, low_precision_logits)
+        def losses_of_chunk(
+            span: slice, logits: torch.Tensor, chunk_targets: torch.Tensor
+        ) -> torch.Tensor | None:
             if count_correct:
-                correct_tokens += (logits.argmax(dim=1) == chunk_targets).sum()
+                correct_tokens.add_((logits.argmax(dim=1) == chunk_targets).sum())
             losses, log_partition, exp_sum = _token_losses_and_softmax_(
                 logits, chunk_targets, label_smoothing, z_loss
             )
             if per_token:
-                token_losses[start:end] = losses
-                log_partitions[start:end] = log_partition
+                token_losses[span] = losses
+                log_partitions[span] = log_partition
             else:
-                summed_loss += losses.sum()
-            if grads_in_forward:
-                grad_logits = _grad_logits_(
-                    logits, chunk_targets, log_partition, exp_sum, None, label_smoothing, z_loss
-                )
-                grads.add_chunk(grad_logits, low_precision_logits, hidden_rows, chunk_rows)
+                summed_loss.add_(losses.sum())
+            if not grads_in_forward:
+                return None
+            return _grad_logits_(logits, chunk_targets, log_partition, exp_sum, None, label_smoothing, z_loss)
 
-        if grads_in_forward:
-            grad_hidden, grad_weight, grad_bias = grads.hidden, grads.weight, grads.bias
+        grads = _chunk_loop(
+            hidden,
+            weight,
+            bias,
+            rows,
+            targets,
+            chunk_size,
+            needs_grad if grads_in_forward else (False, False, False),
+            losses_of_chunk,
+        )
+
         ctx.mark_non_differentiable(correct_tokens)
         ctx.per_token = per_token
         ctx.input_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -222,7 +262,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if per_token:
             ctx.save_for_backward(hidden, weight, bias, rows, targets, log_partitions)
         else:
-            ctx.gradients = (grad_hidden, grad_weight, grad_bias)
+            ctx.gradients = (None, None, None) if grads is None else (grads.hidden, grads.weight, grads.bias)
         return (token_losses if per_token else summed_loss), correct_tokens
 
     @staticmethod
@@ -242,36 +282,19 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
         hidden, weight, bias, rows, targets, log_partitions = ctx.saved_tensors
         chunk_size, label_smoothing, z_loss, needs_grad = ctx.options
-        num_trained = rows.shape[0]
-        vocab_size = weight.shape[0]
-        low_precision = weight.dtype != torch.float32
-        rows_per_chunk = max(1, min(chunk_size, num_trained))
-        logits_buffer = torch.empty(rows_per_chunk, vocab_size, dtype=torch.float32, device=hidden.device)
-        low_precision_buffer = (
-            torch.empty(rows_per_chunk, vocab_size, dtype=weight.dtype, device=hidden.device)
-            if low_precision
-            else None
-        )
-        grads = _GradientAccumulator(hidden, weight, bias, needs_grad, rows_per_chunk)
         grad_loss = grad_loss.float()
-        for start in range(0, num_trained, rows_per_chunk):
-            end = min(start + rows_per_chunk, num_trained)
-            chunk_rows, chunk_targets = rows[start:end], targets[start:end]
-            hidden_rows = hidden.index_select(0, chunk_rows)
-            logits = logits_buffer[: end - start]
-            low_precision_logits = (
-                None if low_precision_buffer is None else low_precision_buffer[: end - start]
-            )
-            _chunk_logits(hidden_rows, weight, bias, logits, low_precision_logits)
+
+        def grad_of_chunk(span: slice, logits: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
             # The forward's logsumexp is reused: softmax = exp(logits - lse), one pass fewer than forward.
-            log_partition = log_partitions[start:end]
+            log_partition = log_partitions[span]
             exp_logits = logits.sub_(log_partition[:, None]).exp_()
             ones = torch.ones_like(log_partition)
-            grad_logits = _grad_logits_(
-                exp_logits, chunk_targets, log_partition, ones, grad_loss[start:end], label_smoothing, z_loss
+            return _grad_logits_(
+                exp_logits, chunk_targets, log_partition, ones, grad_loss[span], label_smoothing, z_loss
             )
-            grads.add_chunk(grad_logits, low_precision_logits, hidden_rows, chunk_rows)
-        gradients = [grads.hidden, grads.weight, grads.bias]
+
+        grads = _chunk_loop(hidden, weight, bias, rows, targets, chunk_size, needs_grad, grad_of_chunk)
+        gradients = [None, None, None] if grads is None else [grads.hidden, grads.weight, grads.bias]
         return (*_to_dtypes(gradients, ctx.input_dtypes), *no_grad_for_options)
 
 
@@ -379,41 +402,58 @@ def _validate_inputs(
         raise ValueError(f"labels must be integer token ids, got {labels.dtype}")
 
 
-def fused_linear_cross_entropy_with_accuracy(
+@overload
+def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    bias: torch.Tensor | None = None,
-    shift: bool = True,
-    ignore_index: int = IGNORE_INDEX,
-    reduction: Reduction = "mean",
-    num_items_in_batch: torch.Tensor | int | float | None = None,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`fused_linear_cross_entropy` and the number of correctly predicted trained tokens.
+    bias: torch.Tensor | None = ...,
+    shift: bool = ...,
+    ignore_index: int = ...,
+    reduction: Reduction = ...,
+    num_items_in_batch: torch.Tensor | int | float | None = ...,
+    label_smoothing: float = ...,
+    z_loss: float = ...,
+    chunk_size: int | None = ...,
+    return_correct: Literal[False] = ...,
+) -> torch.Tensor: ...
 
-    Returns:
-        ``(loss, correct_tokens)``: the loss as :func:`fused_linear_cross_entropy`, and a 0-dim int64
-        tensor counting trained positions whose argmax over the logits equals the target (the same count
-        as ``loss.count_correct_tokens(hidden @ weight.T, labels)``), computed chunk by chunk.
-    """
-    return _fused(
-        hidden,
-        weight,
-        labels,
-        bias=bias,
-        shift=shift,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        num_items_in_batch=num_items_in_batch,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        chunk_size=chunk_size,
-        count_correct=True,
-    )
+
+@overload
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = ...,
+    shift: bool = ...,
+    ignore_index: int = ...,
+    reduction: Reduction = ...,
+    num_items_in_batch: torch.Tensor | int | float | None = ...,
+    label_smoothing: float = ...,
+    z_loss: float = ...,
+    chunk_size: int | None = ...,
+    return_correct: Literal[True],
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = ...,
+    shift: bool = ...,
+    ignore_index: int = ...,
+    reduction: Reduction = ...,
+    num_items_in_batch: torch.Tensor | int | float | None = ...,
+    label_smoothing: float = ...,
+    z_loss: float = ...,
+    chunk_size: int | None = ...,
+    return_correct: bool,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def fused_linear_cross_entropy(
@@ -429,7 +469,8 @@ def fused_linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     chunk_size: int | None = None,
-) -> torch.Tensor:
+    return_correct: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``causal_lm_loss(hidden @ weight.T + bias, labels, ...)`` without materializing the logits.
 
     Args:
@@ -445,10 +486,14 @@ def fused_linear_cross_entropy(
             trained).
         chunk_size: trained rows per chunk; default :func:`default_chunk_size` (float32 logits of a chunk
             under min(256 MiB, a quarter of the weight gradient)).
+        return_correct: also return the number of trained positions whose argmax over the logits equals
+            the target, counted chunk by chunk while the logits exist (no extra matmul).
 
     Returns:
-        A float32 scalar (``"mean"``, ``"sum"``) or a float32 tensor shaped like ``labels`` (``"none"``).
-        With no trained token the loss is 0 with zero gradients, never NaN.
+        The loss: a float32 scalar (``"mean"``, ``"sum"``) or a float32 tensor shaped like ``labels``
+        (``"none"``). With no trained token the loss is 0 with zero gradients, never NaN.
+        With ``return_correct=True``, ``(loss, correct_tokens)``: ``correct_tokens`` is a 0-dim int64
+        tensor, the same count as ``loss.count_correct_tokens(hidden @ weight.T, labels)``.
 
     Raises:
         ValueError: shapes or dtypes do not match, a label is outside ``[0, vocab)`` and is not
@@ -457,39 +502,29 @@ def fused_linear_cross_entropy(
     Host syncs: validating the labels (one ``.any()``, as ``causal_lm_loss``) and selecting the trained
     rows (``nonzero`` needs their count to size the chunks): two small syncs per call, the price of
     skipping untrained positions entirely.
+
+    Example:
+        One sequence of 4 positions, hidden size 2, vocabulary 3; the first two tokens are the prompt,
+        so positions 1 and 2 are trained (to predict tokens 1 and 2; the argmax gets the first right):
+
+        >>> import torch
+        >>> from hf_shift_loss.fused import fused_linear_cross_entropy
+        >>> from hf_shift_loss.loss import causal_lm_loss
+        >>> hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.5], [0.5, -1.0]]], requires_grad=True)
+        >>> weight = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, -1.0]], requires_grad=True)
+        >>> labels = torch.tensor([[-100, -100, 1, 2]])
+        >>> loss = fused_linear_cross_entropy(hidden, weight, labels)
+        >>> print(f"{loss.item():.4f}")
+        1.0671
+        >>> bool(torch.allclose(loss, causal_lm_loss(hidden @ weight.T, labels)))
+        True
+        >>> loss, correct_tokens = fused_linear_cross_entropy(hidden, weight, labels, return_correct=True)
+        >>> print(f"{loss.item():.4f}", correct_tokens)
+        1.0671 tensor(1)
+        >>> loss.backward()
+        >>> hidden.grad.shape
+        torch.Size([1, 4, 2])
     """
-    loss, _ = _fused(
-        hidden,
-        weight,
-        labels,
-        bias=bias,
-        shift=shift,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        num_items_in_batch=num_items_in_batch,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        chunk_size=chunk_size,
-        count_correct=False,
-    )
-    return loss
-
-
-def _fused(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    bias: torch.Tensor | None,
-    shift: bool,
-    ignore_index: int,
-    reduction: Reduction,
-    num_items_in_batch: torch.Tensor | int | float | None,
-    label_smoothing: float,
-    z_loss: float,
-    chunk_size: int | None,
-    count_correct: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
     _check_reduction(reduction, label_smoothing, z_loss)
     _validate_inputs(hidden, weight, labels, bias)
     if chunk_size is not None and chunk_size < 1:
@@ -526,10 +561,12 @@ def _fused(
         float(label_smoothing),
         float(z_loss),
         per_token,
-        count_correct,
+        return_correct,
         needs_grad,
     )
     if per_token:
         token_losses = torch.zeros(flat_targets.shape[0], dtype=torch.float32, device=hidden.device)
-        return token_losses.index_copy(0, rows, loss).view(targets.shape), correct_tokens
-    return reduce_token_losses(loss, trained, reduction, num_items_in_batch), correct_tokens
+        loss = token_losses.index_copy(0, rows, loss).view(targets.shape)
+    else:
+        loss = reduce_token_losses(loss, trained, reduction, num_items_in_batch)
+    return (loss, correct_tokens) if return_correct else loss

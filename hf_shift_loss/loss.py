@@ -157,6 +157,32 @@ def causal_lm_loss(
     Raises:
         ValueError: ``labels`` does not match ``logits.shape[:-1]``, a label is outside
             ``[0, vocab)`` and is not ``ignore_index``, or an option is out of range.
+
+    Example:
+        With ``shift=False`` it is ``torch.nn.CrossEntropyLoss()(logits, labels)``; three tokens, three
+        classes, the second token not trained:
+
+        >>> import torch
+        >>> from hf_shift_loss.loss import causal_lm_loss
+        >>> logits = torch.tensor([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3], [1.5, 0.5, 2.0]])
+        >>> targets = torch.tensor([0, -100, 2])
+        >>> print(f"{causal_lm_loss(logits, targets, shift=False):.8f}")
+        0.51058030
+        >>> causal_lm_loss(logits, targets, shift=False, reduction="none")
+        tensor([0.4170, 0.0000, 0.6041])
+
+        With the default ``shift=True``, labels are aligned with ``input_ids`` and the logits at position
+        ``t`` are scored against ``labels[t + 1]``: one sequence of 4 tokens whose tokens 1 and 3 are
+        trained (``-100`` for the prompt) gives the same loss from the same three rows of logits:
+
+        >>> logits = torch.cat([logits, torch.zeros(1, 3)])[None]  # [batch=1, seq=4, vocab=3]
+        >>> labels = torch.tensor([[-100, 0, -100, 2]])
+        >>> print(f"{causal_lm_loss(logits, labels):.8f}")
+        0.51058030
+        >>> causal_lm_loss(logits, labels, reduction="none")
+        tensor([[0.4170, 0.0000, 0.6041, 0.0000]])
+        >>> print(f"{causal_lm_loss(logits, labels, reduction='sum'):.4f}")
+        1.0212
     """
     _check_reduction(reduction, label_smoothing, z_loss)
     if logits.dim() < 2:

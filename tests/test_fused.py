@@ -8,11 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hf_shift_loss.fused import (
-    default_chunk_size,
-    fused_linear_cross_entropy,
-    fused_linear_cross_entropy_with_accuracy,
-)
+from hf_shift_loss.fused import default_chunk_size, fused_linear_cross_entropy
 from hf_shift_loss.loss import causal_lm_loss, count_correct_tokens
 
 BATCH, SEQ, HIDDEN, VOCAB = 2, 9, 16, 37
@@ -228,7 +224,7 @@ def test_accuracy_counts_argmax_hits_chunk_by_chunk() -> None:
     # Every odd position's token is the model's prediction, so the count is neither 0 nor all.
     labels[:, 1::2] = predicted_next[:, 0::2]
     labels[:, 5] = -100
-    loss, correct = fused_linear_cross_entropy_with_accuracy(hidden, weight, labels, chunk_size=7)
+    loss, correct = fused_linear_cross_entropy(hidden, weight, labels, chunk_size=7, return_correct=True)
     expected = count_correct_tokens(hidden @ weight.T, labels)
     assert correct.dtype == torch.int64 and correct.dim() == 0
     assert int(correct) == int(expected)
@@ -236,6 +232,28 @@ def test_accuracy_counts_argmax_hits_chunk_by_chunk() -> None:
     torch.testing.assert_close(loss, fused_linear_cross_entropy(hidden, weight, labels))
     loss.backward()  # the count does not get in the way of autograd
     assert hidden.grad is not None
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shift", [True, False])
+def test_return_correct_changes_nothing_but_adds_the_count(reduction: str, shift: bool) -> None:
+    hidden, weight, bias, labels = make_inputs(seed=15, batch=3, seq=20, with_bias=True)
+    predicted = (hidden @ weight.T + bias).argmax(-1)
+    labels[:, 1::3] = predicted[:, 0:-1:3] if shift else predicted[:, 1::3]  # some hits, not all
+    options = {"bias": bias, "reduction": reduction, "shift": shift, "z_loss": 1e-3, "chunk_size": 7}
+
+    loss = fused_linear_cross_entropy(hidden, weight, labels, **options)
+    upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(2))
+    grads = torch.autograd.grad((loss * upstream).sum(), (hidden, weight, bias))
+    loss_too, correct = fused_linear_cross_entropy(hidden, weight, labels, return_correct=True, **options)
+    grads_too = torch.autograd.grad((loss_too * upstream).sum(), (hidden, weight, bias))
+
+    assert torch.equal(loss_too, loss)  # the same computation, bit for bit
+    for grad, grad_too in zip(grads, grads_too, strict=True):
+        assert torch.equal(grad_too, grad)
+    expected = count_correct_tokens(hidden @ weight.T + bias, labels, shift=shift)
+    assert correct.dtype == torch.int64 and correct.dim() == 0 and not correct.requires_grad
+    assert int(correct) == int(expected) > 0
 
 
 def test_no_grad_mode_computes_only_the_loss() -> None:

@@ -9,7 +9,7 @@ from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 from torch import nn
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM
 
-from hf_shift_loss.fused import fused_linear_cross_entropy, fused_linear_cross_entropy_with_accuracy
+from hf_shift_loss.fused import fused_linear_cross_entropy
 from hf_shift_loss.heads import (
     UnsupportedOutputHead,
     backbone_hidden_states,
@@ -197,6 +197,8 @@ def test_accuracy_matches_the_model_logits() -> None:
     batch["labels"][:, 5::2] = predictions[:, 4:-1:2]
     head = get_output_head(model)
     hidden = backbone_hidden_states(head, batch)
-    _, correct = fused_linear_cross_entropy_with_accuracy(hidden, head.weight, batch["labels"], chunk_size=4)
+    _, correct = fused_linear_cross_entropy(
+        hidden, head.weight, batch["labels"], chunk_size=4, return_correct=True
+    )
     expected = count_correct_tokens(model(**batch).logits, batch["labels"])
     assert int(correct) == int(expected) >= 4
