@@ -1,39 +1,45 @@
 """hf_shift_loss: the causal-LM fine-tuning loss, correct, fast and visible.
 
-Public API (stable; see docs/api.md):
+The public API (docs/api.md lists exactly these names):
 
-- :func:`causal_lm_loss` (loss.py): shift on labels, flatten, float32 cross-entropy, reductions.
-- :func:`fused_linear_cross_entropy` (fused.py): the same loss from hidden states and the lm_head weight,
-  in chunks of trained tokens, without the full logits.
-- :func:`encode_messages` (chat.py): assistant-only masking for any chat template.
-- :func:`inspect_dataset` (inspector.py): what will be trained, token by token, with statistics.
-- :class:`PromptMaskingCollator` (collator.py): examples to masked, padded batches.
-- :class:`ShiftLossTrainer`, :class:`ShiftLossArguments` (trainer.py): the Trainer wiring.
+- :class:`ShiftLossTrainer`, :class:`ShiftLossArguments`: the Trainer, its data and loss options.
+- :func:`causal_lm_loss`, :func:`fused_linear_cross_entropy`, :data:`IGNORE_INDEX`: the loss.
+- :class:`PromptMaskingCollator`: examples to masked, padded batches, for your own loops.
+- :func:`prepare_dataset`, :class:`DataStats`, :func:`encode_messages`: the data path and its counts.
+- :func:`inspect_dataset`: what will be trained, token by token (imported on first use).
+
+Everything else is importable from its module (``hf_shift_loss.data``, ``hf_shift_loss.loss_paths``, ...).
 """
 
-from hf_shift_loss.chat import encode_messages
-from hf_shift_loss.collator import CollatorStats, PromptMaskingCollator
-from hf_shift_loss.fused import fused_linear_cross_entropy, fused_linear_cross_entropy_with_accuracy
-from hf_shift_loss.inspector import InspectionReport, inspect_dataset
-from hf_shift_loss.loss import IGNORE_INDEX, causal_lm_loss, count_trained_tokens, shift_labels
-from hf_shift_loss.packing import pack_examples
-from hf_shift_loss.trainer import ShiftLossArguments, ShiftLossTrainer
+from typing import Any
 
-__version__ = "0.1.0"
+from hf_shift_loss.collator import PromptMaskingCollator
+from hf_shift_loss.config import ShiftLossArguments
+from hf_shift_loss.data import DataStats, encode_messages, prepare_dataset
+from hf_shift_loss.fused import fused_linear_cross_entropy
+from hf_shift_loss.loss import IGNORE_INDEX, causal_lm_loss
+from hf_shift_loss.trainer import ShiftLossTrainer
+
+__version__ = "0.2.0"
 
 __all__ = [
     "IGNORE_INDEX",
-    "CollatorStats",
-    "InspectionReport",
+    "DataStats",
     "PromptMaskingCollator",
     "ShiftLossArguments",
     "ShiftLossTrainer",
     "causal_lm_loss",
-    "count_trained_tokens",
     "encode_messages",
     "fused_linear_cross_entropy",
-    "fused_linear_cross_entropy_with_accuracy",
     "inspect_dataset",
-    "pack_examples",
-    "shift_labels",
+    "prepare_dataset",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The inspector needs rich (and matplotlib for its histogram): imported only when asked for.
+    if name == "inspect_dataset":
+        from hf_shift_loss.inspector import inspect_dataset
+
+        return inspect_dataset
+    raise AttributeError(f"module 'hf_shift_loss' has no attribute {name!r}")

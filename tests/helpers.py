@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
+from sft_models import build_tiny_llama
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
-
-from hf_shift_loss.models import build_tiny_llama
 
 WORDS = (
     "where is the capital of China The Beijing what France Paris a an and city big small river "

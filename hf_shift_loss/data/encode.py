@@ -1,0 +1,259 @@
+"""Examples to tokens: tokenize, mask, truncate and count one example at a time.
+
+:class:`Encoder` is the only place that turns a row of a dataset into ``input_ids`` and ``labels``
+(aligned, ``-100`` where not trained; the loss shifts). It is a small picklable object, so
+``datasets.Dataset.map(encoder, with_indices=True, num_proc=N)`` runs it in worker processes. Every
+row it returns carries its own counts (:data:`hf_shift_loss.data.stats.COUNT_COLUMNS`), so what was
+cut is counted where it is cut and travels with the data.
+
+Accepted rows (the format is read from the keys; :func:`detect_format` does it for a whole dataset):
+
+=========================  ==============================================  ===========================
+format                     row                                             trained (``train_on``
+                                                                           ``"completion"``)
+=========================  ==============================================  ===========================
+``text``                   ``{"text": str}``                               every token + EOS
+``prompt_completion``      ``{"prompt": str, "completion": str}``          completion + EOS
+conversational p/c         ``{"prompt": [messages], "completion": [...]}`` the completion's turns
+``messages``               ``{"messages": [{"role", "content"}, ...]}``    assistant turns + end of turn
+``tokenized``              ``{"input_ids": [...], "labels": [...]?}``      labels (all without them)
+=========================  ==============================================  ===========================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from hf_shift_loss.data.chat import EndOfTurnMode, encode_messages
+from hf_shift_loss.loss import IGNORE_INDEX
+
+__all__ = ["FORMATS", "Encoder", "TrainOn", "detect_format", "trained_targets"]
+
+TrainOn = Literal["completion", "all", "last_turn"]
+TRAIN_ON = ("completion", "all", "last_turn")
+FORMATS = ("tokenized", "messages", "prompt_completion", "text")
+_FORMAT_HELP = (
+    "'text'; 'prompt' and 'completion' (strings, or lists of messages); 'messages'; or 'input_ids' "
+    "(with optional 'labels')"
+)
+
+
+def detect_format(columns: Sequence[str]) -> str:
+    """The dataset format from its column names (see the module docstring); ValueError if none fits.
+
+    Example:
+        >>> detect_format(["prompt", "completion", "id"])
+        'prompt_completion'
+    """
+    names = set(columns)
+    if "input_ids" in names:
+        return "tokenized"
+    if "messages" in names:
+        return "messages"
+    if {"prompt", "completion"} <= names:
+        return "prompt_completion"
+    if "text" in names:
+        return "text"
+    raise ValueError(f"the dataset's columns {sorted(names)} fit no known format; expected {_FORMAT_HELP}")
+
+
+def trained_targets(labels: Sequence[int]) -> int:
+    """Trained targets after the shift: the first label of a sequence is never a target."""
+    return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
+
+
+def _as_int_list(values: Any) -> list[int]:
+    return [int(value) for value in (values.tolist() if torch.is_tensor(values) else values)]
+
+
+@dataclass
+class Encoder:
+    """Turns one example (any format of the module docstring) into ``input_ids``, ``labels`` and counts.
+
+    Args:
+        tokenizer: a transformers tokenizer; chat rows need a chat template.
+        max_length: longest sequence in tokens, or None. Prompt/completion rows lose prompt tokens from
+            the left first (the end of the prompt, next to the answer, is kept), then answer tokens
+            from the right; chat rows lose whole oldest exchanges first; text and pre-tokenized rows
+            lose their tail. Everything cut is counted.
+        train_on: ``"completion"``: the completion, or the turns of ``train_roles`` in a conversation;
+            ``"last_turn"``: only the last such turn; ``"all"``: every token.
+        train_roles: the roles whose turns are trained (``"assistant"``; add ``"tool"`` or a custom one).
+        train_end_of_turn: which end-of-turn tokens are trained, see :func:`encode_messages`.
+        add_bos: prepend BOS to non-chat rows; None does what the tokenizer does on plain text.
+        add_eos: end completions and texts with a trained EOS, so the model learns to stop.
+        chat_template_kwargs: passed to ``apply_chat_template`` (``tools``, ``enable_thinking``, ...).
+
+    Example (a word-level tokenizer: the article's 13-token example):
+        >>> from tests.helpers import word_tokenizer  # doctest: +SKIP
+        >>> encoder = Encoder(word_tokenizer())  # doctest: +SKIP
+        >>> row = encoder({"prompt": "where is the capital of China", "completion": "The capital is Beijing"})
+        ... # doctest: +SKIP
+        >>> row["input_ids"], row["labels"]  # doctest: +SKIP
+    """
+
+    tokenizer: Any
+    max_length: int | None = None
+    train_on: TrainOn = "completion"
+    train_roles: tuple[str, ...] = ("assistant",)
+    train_end_of_turn: EndOfTurnMode = "turn"
+    add_bos: bool | None = None
+    add_eos: bool = True
+    chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(
+                f"max_length must be at least 2 (one input and one target), got {self.max_length}"
+            )
+        if self.train_on not in TRAIN_ON:
+            raise ValueError(f"train_on must be one of {TRAIN_ON}, got {self.train_on!r}")
+        self.train_roles = (
+            (self.train_roles,) if isinstance(self.train_roles, str) else tuple(self.train_roles)
+        )
+        self.chat_template_kwargs = dict(self.chat_template_kwargs or {})
+        if self.add_eos and self.tokenizer.eos_token_id is None:
+            raise ValueError(
+                "the tokenizer has no eos_token, so answers cannot end with a trained EOS: set "
+                "tokenizer.eos_token (or add_eos=False if the answers carry their own stop token)"
+            )
+        self._bos_token_id = self._resolve_bos()
+
+    def _resolve_bos(self) -> int | None:
+        bos_token_id = self.tokenizer.bos_token_id
+        if self.add_bos is False or bos_token_id is None:
+            if self.add_bos:
+                raise ValueError(
+                    "add_bos=True but the tokenizer has no bos_token; set one or pass add_bos=None"
+                )
+            return None
+        if self.add_bos:
+            return bos_token_id
+        # Do what the tokenizer does when it encodes text with its special tokens.
+        probe = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        return bos_token_id if probe and probe[0] == bos_token_id else None
+
+    # ------------------------------------------------------------------------------------------ api
+    def __call__(self, example: Mapping[str, Any], index: int | None = None) -> dict[str, Any]:
+        """Encode one example.
+
+        Args:
+            example: a row in one of the accepted formats.
+            index: the row's index in its dataset, named in every error message.
+
+        Returns:
+            ``{"input_ids": list[int], "labels": list[int], "trained_tokens": int,
+            "truncated_tokens": int, "truncated_completion": int, "dropped_turns": int}``.
+        """
+        where = f"row {index}" if index is not None else "row"
+        if not isinstance(example, Mapping):
+            raise ValueError(f"{where}: expected a dict, got {type(example).__name__}")
+        if example.get("input_ids") is not None:
+            encoded = self._tokenized(example, where)
+        elif example.get("messages") is not None:
+            encoded = self._messages(example["messages"], index, context_messages=0)
+        elif example.get("prompt") is not None and example.get("completion") is not None:
+            prompt, completion = example["prompt"], example["completion"]
+            if isinstance(prompt, list) and isinstance(completion, list):
+                encoded = self._messages(prompt + completion, index, context_messages=len(prompt))
+            else:
+                encoded = self._prompt_completion(prompt, completion, where)
+        elif example.get("text") is not None:
+            encoded = self._text(example["text"], where)
+        else:
+            present = {key: type(value).__name__ for key, value in example.items()}
+            raise ValueError(f"{where}: fits no format (keys and types: {present}); expected {_FORMAT_HELP}")
+        if self.train_on == "all":
+            encoded["labels"] = list(encoded["input_ids"])
+        encoded["trained_tokens"] = trained_targets(encoded["labels"])
+        return encoded
+
+    # ------------------------------------------------------------------------------------ formats
+    def _cut(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int], int, int]:
+        """Keep the first ``max_length`` tokens; return the cut count and whether trained tokens went."""
+        if self.max_length is None or len(ids) <= self.max_length:
+            return ids, labels, 0, 0
+        cut_labels = labels[self.max_length :]
+        answer_cut = int(any(label != IGNORE_INDEX for label in cut_labels))
+        return ids[: self.max_length], labels[: self.max_length], len(cut_labels), answer_cut
+
+    def _encoded(self, ids: list[int], labels: list[int], truncated: int, answer_cut: int) -> dict[str, Any]:
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "truncated_tokens": truncated,
+            "truncated_completion": answer_cut,
+            "dropped_turns": 0,
+        }
+
+    def _text(self, text: Any, where: str) -> dict[str, Any]:
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: 'text' must be a string, got {type(text).__name__}")
+        ids = self._prefix() + self._tokens(text) + self._eos(text)
+        return self._encoded(*self._cut(ids, list(ids)))
+
+    def _prompt_completion(self, prompt: Any, completion: Any, where: str) -> dict[str, Any]:
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise ValueError(
+                f"{where}: 'prompt' and 'completion' must be two strings or two lists of messages, got "
+                f"{type(prompt).__name__} and {type(completion).__name__}"
+            )
+        if not completion:
+            raise ValueError(f"{where}: empty completion; there is nothing to train")
+        prompt_ids = self._tokens(prompt)
+        completion_ids = self._tokens(completion) + self._eos(completion)
+        prefix = self._prefix()
+        truncated = answer_cut = 0
+        if self.max_length is not None:
+            overflow = len(prefix) + len(prompt_ids) + len(completion_ids) - self.max_length
+            if overflow > 0:
+                # Cut the prompt from the left: its end, next to the answer, matters most.
+                prompt_cut = min(overflow, len(prompt_ids))
+                prompt_ids = prompt_ids[prompt_cut:]
+                truncated = prompt_cut
+                if overflow > prompt_cut:
+                    # Still too long: the answer loses its tail (and its EOS). Counted and reported.
+                    completion_ids = completion_ids[: len(completion_ids) - (overflow - prompt_cut)]
+                    truncated, answer_cut = overflow, 1
+        ids = prefix + prompt_ids + completion_ids
+        labels = [IGNORE_INDEX] * (len(prefix) + len(prompt_ids)) + completion_ids
+        return self._encoded(ids, labels, truncated, answer_cut)
+
+    def _messages(self, messages: Any, index: int | None, context_messages: int) -> dict[str, Any]:
+        return encode_messages(
+            self.tokenizer,
+            messages,
+            train_roles=self.train_roles,
+            train_end_of_turn=self.train_end_of_turn,
+            last_turn_only=self.train_on == "last_turn",
+            max_length=self.max_length,
+            chat_template_kwargs=self.chat_template_kwargs,
+            example_index=index,
+            context_messages=context_messages,
+        )
+
+    def _tokenized(self, example: Mapping[str, Any], where: str) -> dict[str, Any]:
+        ids = _as_int_list(example["input_ids"])
+        labels = example.get("labels")
+        labels = list(ids) if labels is None else _as_int_list(labels)
+        if len(labels) != len(ids):
+            raise ValueError(
+                f"{where}: 'labels' has {len(labels)} entries but 'input_ids' has {len(ids)}; labels must be "
+                "aligned with input_ids (the loss shifts them: do not pre-shift)"
+            )
+        return self._encoded(*self._cut(ids, labels))
+
+    # ------------------------------------------------------------------------------------ pieces
+    def _tokens(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _prefix(self) -> list[int]:
+        return [self._bos_token_id] if self._bos_token_id is not None else []
+
+    def _eos(self, text: str) -> list[int]:
+        eos = self.tokenizer.eos_token
+        return [self.tokenizer.eos_token_id] if self.add_eos and not (eos and text.endswith(eos)) else []

@@ -1,0 +1,181 @@
+"""Dataset to training rows, once: encode (``datasets.map``), drop the untrainable, count, pack.
+
+:func:`prepare_dataset` is what :class:`hf_shift_loss.ShiftLossTrainer` runs on every dataset it is
+given without a ``data_collator``. A map-style ``datasets.Dataset`` is encoded with ``num_proc``
+workers and cached like any ``map``; its :class:`DataStats` are exact counts over the whole dataset,
+computed in the preparing process (so they do not depend on data-loader workers or ranks). A
+streamed ``datasets.IterableDataset`` is encoded and packed lazily, as rows are read; its counts are
+not known in advance, and each dropped row is logged as it happens.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Any
+
+import datasets
+import numpy as np
+
+from hf_shift_loss.data.encode import Encoder, detect_format
+from hf_shift_loss.data.pack import Overflow, pack_rows
+from hf_shift_loss.data.stats import COUNT_COLUMNS, DataStats
+
+__all__ = ["PreparedDataset", "prepare_dataset"]
+
+logger = logging.getLogger(__name__)
+
+# How many streamed rows are packed together (a window of an IterableDataset).
+STREAM_PACKING_WINDOW = 1000
+
+
+@dataclass
+class PreparedDataset:
+    """Rows ready for :class:`hf_shift_loss.data.batch.Batcher`, and what preparing them counted.
+
+    ``stats`` is None for a streamed dataset (its rows are encoded as they are read).
+    """
+
+    dataset: datasets.Dataset | datasets.IterableDataset
+    stats: DataStats | None
+    format: str
+
+
+def _columns(dataset: datasets.Dataset | datasets.IterableDataset) -> list[str]:
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    return list(next(iter(dataset)).keys())  # a streamed dataset whose features are unknown
+
+
+def prepare_dataset(
+    dataset: datasets.Dataset | datasets.IterableDataset,
+    encoder: Encoder,
+    *,
+    packing: bool = False,
+    packing_overflow: Overflow = "truncate",
+    on_untrained: str = "drop",
+    num_proc: int | None = None,
+    name: str = "train",
+) -> PreparedDataset:
+    """Encode every row, drop (or refuse) rows with nothing to train, count, and optionally pack.
+
+    Args:
+        dataset: rows in one of the formats of :mod:`hf_shift_loss.data.encode`.
+        encoder: turns one row into ``input_ids``/``labels`` and counts; its ``max_length`` is the row
+            capacity when packing.
+        packing: pack the encoded rows into rows of ``encoder.max_length`` (best-fit decreasing over
+            the whole dataset), with restarting ``position_ids``.
+        packing_overflow: with packing, a row longer than ``max_length`` is ``"truncate"``-d (by the
+            encoder, as without packing) or ``"split"`` into pieces.
+        on_untrained: a row with no trained token is ``"drop"``-ped (counted, and said once) or
+            ``"raise"``-s a ValueError naming the row.
+        num_proc: worker processes for ``datasets.map`` (map-style datasets).
+        name: how the dataset is named in messages ("train", "eval").
+
+    Returns:
+        :class:`PreparedDataset`: columns ``input_ids``, ``labels`` (and ``position_ids`` when packed).
+    """
+    if on_untrained not in ("drop", "raise"):
+        raise ValueError(f"on_untrained must be 'drop' or 'raise', got {on_untrained!r}")
+    max_length = encoder.max_length
+    if packing and max_length is None:
+        raise ValueError("packing needs max_length: it is the capacity of a packed row")
+    columns = _columns(dataset)
+    data_format = detect_format(columns)
+    if packing and packing_overflow == "split":
+        # Long rows reach the packer whole; it splits them instead of the encoder cutting them.
+        encoder = replace(encoder, max_length=None)
+    streamed = isinstance(dataset, datasets.IterableDataset)
+    map_options: dict[str, Any] = (
+        {} if streamed else {"num_proc": num_proc, "desc": f"Encoding the {name} set"}
+    )
+    encoded = dataset.map(encoder, with_indices=True, remove_columns=columns, **map_options)
+
+    stats = None if streamed else _count(encoded, name, on_untrained)
+    if streamed:
+        encoded = encoded.filter(_StreamedUntrainedFilter(name, on_untrained), with_indices=True)
+    elif stats.untrained_examples:
+        encoded = encoded.filter(_has_trained_tokens, input_columns="trained_tokens", batched=True)
+    encoded = encoded.remove_columns([column for column in COUNT_COLUMNS if column in _columns(encoded)])
+
+    if packing:
+        pack_options = {"max_length": max_length, "overflow": packing_overflow}
+        if streamed:
+            encoded = encoded.map(
+                pack_rows, batched=True, batch_size=STREAM_PACKING_WINDOW, fn_kwargs=pack_options
+            )
+        else:
+            encoded = encoded.map(
+                pack_rows,
+                batched=True,
+                batch_size=None,  # the whole dataset: packed globally
+                remove_columns=encoded.column_names,
+                fn_kwargs=pack_options,
+                desc=f"Packing the {name} set",
+            )
+            stats.packed_rows = len(encoded)
+            stats.packed_capacity = len(encoded) * max_length
+            stats.split_examples = int(np.sum(encoded["split_examples"]))
+            stats.lost_boundary_targets = int(np.sum(encoded["lost_boundary_targets"]))
+            stats.trained_tokens -= stats.lost_boundary_targets
+        encoded = encoded.remove_columns(["split_examples", "lost_boundary_targets"])
+    return PreparedDataset(dataset=encoded, stats=stats, format=data_format)
+
+
+def _count(encoded: datasets.Dataset, name: str, on_untrained: str) -> DataStats:
+    """Exact statistics of an encoded map-style dataset, from its count columns."""
+    counts = encoded.with_format("numpy", columns=[*COUNT_COLUMNS, "input_ids"])
+    trained = np.asarray(counts["trained_tokens"])
+    untrained_rows = np.flatnonzero(trained == 0)
+    if len(untrained_rows) and on_untrained == "raise":
+        row = int(untrained_rows[0])
+        raise ValueError(
+            f"{name} set, row {row}: no trained token after masking and truncation "
+            f"({len(untrained_rows)} such rows); raise max_length, shorten the prompt, fix the row, or set "
+            "on_untrained='drop' to drop them (counted)"
+        )
+    lengths = np.asarray([len(ids) for ids in encoded["input_ids"]])
+    truncated = np.asarray(counts["truncated_tokens"])
+    dropped_turns = np.asarray(counts["dropped_turns"])
+    kept = trained > 0
+    stats = DataStats(
+        examples=len(encoded),
+        total_tokens=int(lengths[kept].sum()),
+        trained_tokens=int(trained.sum()),
+        truncated_examples=int(((truncated > 0) | (dropped_turns > 0)).sum()),
+        truncated_tokens=int(truncated.sum()),
+        truncated_completions=int(np.asarray(counts["truncated_completion"]).sum()),
+        dropped_turns=int(dropped_turns.sum()),
+        untrained_examples=len(untrained_rows),
+    )
+    if len(untrained_rows):
+        shown = ", ".join(str(int(row)) for row in untrained_rows[:10])
+        logger.warning(
+            "%s set: dropped %d of %d rows with no trained token after masking and truncation (rows %s%s)",
+            name,
+            len(untrained_rows),
+            len(encoded),
+            shown,
+            ", ..." if len(untrained_rows) > 10 else "",
+        )
+    return stats
+
+
+def _has_trained_tokens(trained_tokens: list[int]) -> list[bool]:
+    return [count > 0 for count in trained_tokens]
+
+
+class _StreamedUntrainedFilter:
+    """Drop streamed rows with no trained token, saying so for each (their total is not known in advance)."""
+
+    def __init__(self, name: str, on_untrained: str) -> None:
+        self.name, self.on_untrained = name, on_untrained
+
+    def __call__(self, row: dict[str, Any], index: int) -> bool:
+        if row["trained_tokens"] > 0:
+            return True
+        message = f"{self.name} set, row {index}: no trained token after masking and truncation"
+        if self.on_untrained == "raise":
+            raise ValueError(f"{message}; fix the row or set on_untrained='drop'")
+        logger.warning("%s: dropped", message)
+        return False

@@ -1,0 +1,153 @@
+"""The two ways to get the loss out of a causal LM, chosen once per model.
+
+- :class:`EagerLoss`: the model computes logits ``[batch, seq, vocab]``, then
+  :func:`hf_shift_loss.causal_lm_loss`.
+- :class:`FusedLoss`: the model runs with its ``lm_head`` as the identity, so it returns hidden states
+  ``[batch, seq, hidden]``; :func:`hf_shift_loss.fused_linear_cross_entropy` applies the head in chunks
+  of trained tokens and the full logits never exist.
+
+:func:`choose_loss_path` is the one place that decides, and says why when it falls back to eager.
+Both paths have the same call: ``path(model, model_inputs, targets, shift=..., reduction=...,
+num_items_in_batch=..., count_correct=...) -> LossResult``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import nn
+
+from hf_shift_loss.fused import fused_linear_cross_entropy
+from hf_shift_loss.heads import (
+    OutputHead,
+    UnsupportedOutputHead,
+    get_output_head,
+    lm_head_returns_hidden_states,
+)
+from hf_shift_loss.loss import causal_lm_loss, count_correct_tokens
+
+__all__ = ["EagerLoss", "FusedLoss", "LossResult", "choose_loss_path"]
+
+logger = logging.getLogger(__name__)
+
+
+class LossResult(NamedTuple):
+    loss: torch.Tensor
+    """The reduced loss (a float32 scalar)."""
+    correct_tokens: torch.Tensor | None
+    """Trained tokens whose argmax is the target (when asked), else None."""
+    outputs: Any
+    """The model's outputs (without logits on the fused path)."""
+
+
+@dataclass(frozen=True)
+class EagerLoss:
+    """Full logits from the model, then :func:`causal_lm_loss`."""
+
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    reason: str = "loss_impl='eager'"
+    name: str = "eager"
+
+    def __call__(
+        self,
+        model: nn.Module,
+        model_inputs: dict[str, Any],
+        targets: torch.Tensor,
+        *,
+        shift: bool,
+        reduction: Literal["mean", "sum"],
+        num_items_in_batch: torch.Tensor | int | None,
+        count_correct: bool,
+    ) -> LossResult:
+        outputs = model(**model_inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        loss = causal_lm_loss(
+            logits,
+            targets,
+            shift=shift,
+            reduction=reduction,
+            num_items_in_batch=num_items_in_batch,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+        )
+        # The argmax is another pass over [batch, seq, vocab]: only when the accuracy is logged.
+        correct = count_correct_tokens(logits.detach(), targets, shift=shift) if count_correct else None
+        return LossResult(loss, correct, outputs)
+
+
+@dataclass(frozen=True)
+class FusedLoss:
+    """Hidden states from the model (its lm_head made the identity), then the chunked fused loss."""
+
+    head: OutputHead
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    chunk_size: int | None = None
+    name: str = "fused"
+
+    def __call__(
+        self,
+        model: nn.Module,
+        model_inputs: dict[str, Any],
+        targets: torch.Tensor,
+        *,
+        shift: bool,
+        reduction: Literal["mean", "sum"],
+        num_items_in_batch: torch.Tensor | int | None,
+        count_correct: bool,
+    ) -> LossResult:
+        # The wrapped model is called, not its backbone, so DDP's hooks, peft and accelerate see the whole
+        # forward; only the [batch, seq, vocab] logits are skipped.
+        with lm_head_returns_hidden_states(self.head):
+            outputs = model(**model_inputs)
+        hidden = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        loss, correct = fused_linear_cross_entropy(
+            hidden.to(self.head.weight.device),  # model parallel: the head may sit on another device
+            self.head.weight,
+            targets,
+            bias=self.head.bias,
+            shift=shift,
+            reduction=reduction,
+            num_items_in_batch=num_items_in_batch,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            chunk_size=self.chunk_size,
+            return_correct=True,
+        )
+        if isinstance(outputs, dict):  # its "logits" are hidden states: hand them on without
+            outputs = type(outputs)(**{key: value for key, value in outputs.items() if key != "logits"})
+        return LossResult(loss, correct if count_correct else None, outputs)
+
+
+def choose_loss_path(
+    model: nn.Module,
+    loss_impl: Literal["auto", "eager", "fused"],
+    *,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+    sharded: bool = False,
+) -> EagerLoss | FusedLoss:
+    """The loss path for ``model`` (unwrapped from DDP/accelerate; peft models as they are).
+
+    ``"eager"`` never fuses. ``"auto"`` and ``"fused"`` fuse when the model splits into a backbone and a
+    plain linear head (:func:`hf_shift_loss.heads.get_output_head`); otherwise they fall back to eager,
+    with the reason in ``EagerLoss.reason`` and one warning. ``sharded`` (FSDP) falls back too: the
+    fused loss needs the full lm_head weight, which FSDP shards between forward passes.
+    """
+    options = {"label_smoothing": label_smoothing, "z_loss": z_loss}
+    if loss_impl == "eager":
+        return EagerLoss(**options)
+    if sharded:
+        reason = "FSDP shards the lm_head weight, and the fused loss needs the full weight"
+    else:
+        try:
+            return FusedLoss(get_output_head(model), chunk_size=chunk_size, **options)
+        except UnsupportedOutputHead as error:
+            reason = str(error)
+    logger.warning("loss_impl=%r: using the eager loss (full logits) because %s.", loss_impl, reason)
+    return EagerLoss(reason=f"loss_impl={loss_impl!r} fell back: {reason}", **options)
