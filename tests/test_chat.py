@@ -12,7 +12,7 @@ from chat_tokenizers import (
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from hf_shift_loss.chat import IGNORE_INDEX, encode_messages
+from hf_shift_loss.data.chat import IGNORE_INDEX, encode_messages
 
 # Unicode, leading/trailing spaces and newlines, assistant text repeating user text, and contents equal
 # to words of the template's own headers ("user", "assistant").

@@ -62,7 +62,7 @@ def test_right_padding_with_pad_id_and_ignored_labels():
 def test_pad_falls_back_to_eos_and_says_so(caplog):
     tokenizer = word_tokenizer()
     tokenizer.pad_token = None
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO"):
         collator = PromptMaskingCollator(tokenizer)
     assert "no pad token" in caplog.text
     batch = collator([{"prompt": "a", "completion": "yes"}, {"prompt": PROMPT, "completion": COMPLETION}])
@@ -92,7 +92,7 @@ def test_max_length_cuts_completion_only_when_prompt_is_gone_and_counts_it():
     assert collator.stats.truncated_examples == 1
 
 
-def test_untrained_example_dropped_with_count_or_raised():
+def test_untrained_example_dropped_with_count_or_raised(caplog):
     tokenizer = word_tokenizer()
     # max_length=2 leaves <bos> and one completion token: one target. max_length 2 with a 1-token
     # completion + eos: trained. An empty-after-truncation answer needs labels only on position 0.
@@ -101,24 +101,25 @@ def test_untrained_example_dropped_with_count_or_raised():
         {"prompt": PROMPT, "completion": COMPLETION},
     ]
     collator = PromptMaskingCollator(tokenizer)
-    with pytest.warns(UserWarning, match=r"dropped example 0 .*1 dropped so far"):
+    with caplog.at_level("WARNING"):
         batch = collator(examples)
+    assert "example 0 of this batch (4 tokens) has no trained token: dropped" in caplog.text
     assert batch["input_ids"].shape[0] == 1
-    assert collator.stats.untrained_examples == 1
+    assert collator.stats.untrained_examples == 1 and collator.stats.kept_examples == 1
     strict = PromptMaskingCollator(tokenizer, on_untrained="raise")
-    with pytest.raises(ValueError, match="example 0 .* no trained token"):
+    with pytest.raises(ValueError, match="example 0 of this batch .* no trained token"):
         strict(examples)
 
 
 def test_all_untrained_batch_is_kept_all_masked_so_loss_is_zero():
     collator = PromptMaskingCollator(word_tokenizer())
-    with pytest.warns(UserWarning):
-        batch = collator([{"input_ids": [1, 5, 6], "labels": [-100, -100, -100]}])
+    batch = collator([{"input_ids": [1, 5, 6], "labels": [-100, -100, -100]}])
     assert torch.all(batch["labels"] == -100)
+    assert collator.stats.untrained_examples == 1
 
 
-def test_mask_prompt_false_trains_every_token():
-    collator = PromptMaskingCollator(word_tokenizer(), mask_prompt=False)
+def test_train_on_all_trains_every_token():
+    collator = PromptMaskingCollator(word_tokenizer(), train_on="all")
     encoded = collator.encode({"prompt": PROMPT, "completion": COMPLETION})
     assert encoded["labels"] == encoded["input_ids"]
 
@@ -133,11 +134,11 @@ def test_pretokenized_examples_and_label_length_check():
 
 def test_bad_examples_name_the_example():
     collator = PromptMaskingCollator(word_tokenizer())
-    with pytest.raises(ValueError, match="example 7: unknown format"):
-        collator.encode({"text": "hello"}, 7)
-    with pytest.raises(ValueError, match="example 2: 'prompt' and 'completion' must be strings"):
+    with pytest.raises(ValueError, match=r"row 7: fits no format \(keys and types: \{'txt': 'str'\}\)"):
+        collator.encode({"txt": "hello"}, 7)
+    with pytest.raises(ValueError, match="row 2: 'prompt' and 'completion' must be two strings or two lists"):
         collator.encode({"prompt": 3, "completion": "x"}, 2)
-    with pytest.raises(ValueError, match="example 1: empty completion"):
+    with pytest.raises(ValueError, match="row 1: empty completion"):
         collator.encode({"prompt": "a", "completion": ""}, 1)
     with pytest.raises(ValueError, match="max_length"):
         PromptMaskingCollator(word_tokenizer(), max_length=1)

@@ -245,7 +245,12 @@ class Encoder:
                 f"{where}: 'labels' has {len(labels)} entries but 'input_ids' has {len(ids)}; labels must be "
                 "aligned with input_ids (the loss shifts them: do not pre-shift)"
             )
-        return self._encoded(*self._cut(ids, labels))
+        encoded = self._encoded(*self._cut(ids, labels))
+        # A row encoded earlier (datasets.map) brings its counts along: they add up, never reset.
+        for column in ("truncated_tokens", "truncated_completion", "dropped_turns"):
+            encoded[column] += int(example.get(column) or 0)
+        encoded["truncated_completion"] = min(encoded["truncated_completion"], 1)
+        return encoded
 
     # ------------------------------------------------------------------------------------ pieces
     def _tokens(self, text: str) -> list[int]:
