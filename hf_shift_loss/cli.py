@@ -11,7 +11,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from hf_shift_loss.chat import END_OF_TURN_MODES
+from hf_shift_loss.data.chat import END_OF_TURN_MODES
+from hf_shift_loss.data.encode import TRAIN_ON
 
 
 def _positive_int(value: str) -> int:
@@ -30,16 +31,20 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser(
         "inspect",
         help="show which tokens of a dataset are trained, with statistics and an HTML report",
-        description="Encode a dataset exactly as PromptMaskingCollator does for training; print examples "
-        "with trained tokens highlighted, dataset statistics, and write an HTML report.",
+        description="Encode a dataset exactly as training does (the Encoder); print examples with trained "
+        "tokens highlighted and the dataset statistics (DataStats), and write an HTML report.",
     )
     inspect.add_argument(
         "--tokenizer", required=True, help="local directory, hub id, or path to a .gguf file"
     )
     inspect.add_argument(
-        "--data", required=True, help=".jsonl / .json / .parquet file or a datasets hub name"
+        "--data",
+        required=True,
+        help=".jsonl / .json / .parquet / .csv file, a save_to_disk directory, or a datasets hub name",
     )
-    inspect.add_argument("--split", default="train", help="split of a hub dataset (default: train)")
+    inspect.add_argument(
+        "--split", default="train", help="split of a hub dataset or a saved DatasetDict (default: train)"
+    )
     inspect.add_argument(
         "--chat-template", help="Jinja chat template (or a file holding one) replacing the tokenizer's"
     )
@@ -59,9 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="turn",
         help="end-of-turn tokens trained (default: turn)",
     )
-    inspect.add_argument("--last-turn-only", action="store_true", help="train only the last assistant turn")
     inspect.add_argument(
-        "--no-mask-prompt", action="store_true", help="train every token (no prompt masking)"
+        "--train-on",
+        choices=TRAIN_ON,
+        default="completion",
+        help="completion: the completion / every turn of --train-roles; last_turn: only the last such "
+        "turn; all: every token (default: completion)",
     )
     inspect.add_argument(
         "--html", default="inspect-report.html", help="HTML report path (default: %(default)s)"
@@ -73,10 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from hf_shift_loss.inspector import inspect_dataset, load_examples, load_tokenizer
+    from hf_shift_loss.data.load import load_data, load_tokenizer
+    from hf_shift_loss.inspector import inspect_dataset
 
     tokenizer = load_tokenizer(args.tokenizer, chat_template=args.chat_template)
-    examples = load_examples(args.data, split=args.split, limit=args.limit)
+    examples = load_data(args.data, split=args.split, limit=args.limit)
     report = inspect_dataset(
         tokenizer,
         examples,
@@ -84,16 +93,15 @@ def run_inspect(args: argparse.Namespace) -> int:
         html_path=None if args.no_html else args.html,
         show_progress=False if args.no_progress else None,
         max_length=args.max_length,
-        mask_prompt=not args.no_mask_prompt,
+        train_on=args.train_on,
         train_roles=tuple(args.train_roles),
         train_end_of_turn=args.train_end_of_turn,
-        last_turn_only=args.last_turn_only,
     )
     if args.stats_json:
         with open(args.stats_json, "w", encoding="utf-8") as file:
             json.dump(report.to_dict(), file, indent=2)
     # Nonzero when nothing could be encoded: a CI data check can rely on it.
-    return 1 if report.examples and report.failed_examples == report.examples else 0
+    return 1 if report.failed_examples and not report.stats.examples else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

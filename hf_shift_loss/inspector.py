@@ -1,17 +1,18 @@
 """See what the loss trains on: masked and trained tokens of a dataset, in the terminal and in HTML.
 
-Every example goes through the same :class:`~hf_shift_loss.collator.PromptMaskingCollator` encoding as
-training (prompt/completion, chat messages, pre-tokenized), so what is shown is what is trained.
+Every example goes through the same :class:`~hf_shift_loss.data.encode.Encoder` as training (text,
+prompt/completion, conversational prompt/completion, chat messages, pre-tokenized), so what is shown is
+what is trained, and the counts are the training's :class:`~hf_shift_loss.data.stats.DataStats`.
 
 - terminal (rich): trained tokens on a green background, masked tokens dim; alternating shades make
   token boundaries visible; a newline is shown as ``⏎``.
 - statistics: examples, tokens, trained tokens and their ratio, truncation, examples with nothing to
-  train, and a length histogram.
+  train, examples that fail to encode (with their errors), and a length histogram.
 - an HTML report with the same view and the histogram (PNG, base64, inline): one self-contained file.
 
 Used by ``hf-shift-loss inspect`` (see :mod:`hf_shift_loss.cli`) and from Python::
 
-    report = inspect_dataset(tokenizer, examples, num_examples=3, html_path="report.html", max_length=2048)
+    report = inspect_dataset(tokenizer, dataset, num_examples=3, html_path="report.html", max_length=2048)
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ import base64
 import html
 import io
 import json
-import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
@@ -31,7 +31,15 @@ from rich.progress import track
 from rich.table import Table
 from rich.text import Text
 
-IGNORE_INDEX = -100
+try:  # a chat template's raise_exception(...) raises a jinja2 TemplateError (jinja2 comes with transformers)
+    from jinja2.exceptions import TemplateError
+except ImportError:  # pragma: no cover
+    TemplateError = ValueError  # type: ignore[assignment,misc]
+
+from hf_shift_loss.data.encode import Encoder, detect_format
+from hf_shift_loss.data.stats import DataStats
+from hf_shift_loss.loss import IGNORE_INDEX
+
 # Trained tokens: green, two shades alternating; masked: dim grey, two shades alternating.
 TRAINED_STYLES = ("black on #7ee787", "black on #3fb950")
 MASKED_STYLES = ("grey62", "grey42")
@@ -42,35 +50,34 @@ PROGRESS_MIN_EXAMPLES = 200  # below this a progress bar only flickers
 __all__ = [
     "InspectionReport",
     "inspect_dataset",
-    "load_examples",
-    "load_tokenizer",
     "token_pieces",
 ]
 
 
 @dataclass
 class InspectionReport:
-    """Statistics of a dataset as the collator encodes it.
+    """What inspecting a dataset found: the training's :class:`DataStats` and what only inspection keeps.
 
-    ``trained_tokens`` counts the loss's targets: positions ``t >= 1`` whose label is not ``-100``
-    (position 0 has no previous token, so the shifted loss never trains it).
+    ``stats`` counts the examples that encoded, exactly as data preparation for training does
+    (``stats.trained_tokens`` are the loss's targets: positions ``t >= 1`` whose label is not ``-100``;
+    examples with no trained token are counted in ``stats.untrained_examples`` and, as in training, not
+    in the token counts). Examples that fail to encode are not in ``stats``: they are counted in
+    ``failed_examples`` and the first errors are kept. ``lengths`` are the encoded lengths of the kept
+    examples (those with a trained token), after truncation.
     """
 
-    examples: int = 0
-    total_tokens: int = 0
-    trained_tokens: int = 0
-    trained_ratio: float = 0.0
-    truncated_examples: int = 0
-    truncated_tokens: int = 0
-    dropped_turns: int = 0
-    examples_with_dropped_turns: int = 0
-    untrained_examples: int = 0
+    stats: DataStats = field(default_factory=DataStats)
     failed_examples: int = 0
     errors: list[str] = field(default_factory=list)
     formats: dict[str, int] = field(default_factory=dict)
     lengths: list[int] = field(default_factory=list)
     max_length: int | None = None
     html_path: str | None = None
+
+    @property
+    def trained_ratio(self) -> float:
+        """Trained tokens over all tokens of the kept examples."""
+        return self.stats.trained_tokens / self.stats.total_tokens if self.stats.total_tokens else 0.0
 
     def length_histogram(self, bins: int = 20) -> dict[str, list[float]]:
         """Counts of example lengths in ``bins`` equal-width bins (edges included)."""
@@ -84,76 +91,22 @@ class InspectionReport:
         return {"bin_edges": [low + i * width for i in range(bins + 1)], "counts": counts}
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready statistics (per-example lengths summarized, not listed)."""
-        stats = asdict(self)
-        lengths = stats.pop("lengths")
-        stats["min_length"] = min(lengths) if lengths else 0
-        stats["mean_length"] = sum(lengths) / len(lengths) if lengths else 0.0
-        stats["max_length_seen"] = max(lengths) if lengths else 0
-        stats["length_histogram"] = self.length_histogram()
-        return stats
-
-
-# ---------------------------------------------------------------------------------------- loading
-def load_tokenizer(spec: str, *, chat_template: str | None = None) -> Any:
-    """A tokenizer from a local directory, a hub id, or a ``.gguf`` file.
-
-    Args:
-        spec: directory / hub id (``AutoTokenizer.from_pretrained``) or a path to a GGUF file, loaded as
-            ``from_pretrained(its folder, gguf_file=its name)``.
-        chat_template: a Jinja chat template, or a path to a file holding one, replacing the tokenizer's.
-    """
-    from transformers import AutoTokenizer
-
-    if spec.endswith(".gguf") and os.path.isfile(spec):
-        folder, name = os.path.split(os.path.abspath(spec))
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(spec)
-    if chat_template is not None:
-        if os.path.isfile(chat_template):
-            with open(chat_template, encoding="utf-8") as file:
-                chat_template = file.read()
-        tokenizer.chat_template = chat_template
-    return tokenizer
-
-
-def load_examples(source: str, *, split: str = "train", limit: int | None = None) -> list[dict[str, Any]]:
-    """Examples from a ``.jsonl`` / ``.json`` / ``.parquet`` file or a ``datasets`` hub name.
-
-    JSON files are read as plain Python objects (not through Arrow), so messages keep exactly the keys
-    they have; Arrow would add every key seen anywhere as ``None``, which some chat templates render.
-    """
-    lower = source.lower()
-    if os.path.isfile(source) and lower.endswith((".jsonl", ".ndjson")):
-        examples = []
-        with open(source, encoding="utf-8") as file:
-            for line_number, line in enumerate(file, start=1):
-                if line.strip():
-                    try:
-                        examples.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise ValueError(f"{source}, line {line_number}: not valid JSON ({error})") from None
-                if limit is not None and len(examples) >= limit:
-                    break
-        return examples
-    if os.path.isfile(source) and lower.endswith(".json"):
-        with open(source, encoding="utf-8") as file:
-            data = json.load(file)
-        if isinstance(data, Mapping) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-            data = next(iter(data.values()))  # {"data": [...]} / {"train": [...]}
-        if not isinstance(data, list):
-            raise ValueError(f"{source}: expected a JSON list of examples, got {type(data).__name__}")
-        return data[:limit] if limit is not None else data
-    import datasets
-
-    if os.path.isfile(source) and lower.endswith(".parquet"):
-        dataset = datasets.Dataset.from_parquet(source)
-    else:
-        dataset = datasets.load_dataset(source, split=split)
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
-    return dataset.to_list()
+        """JSON-ready statistics: ``stats.as_dict()`` plus the report's own fields, lengths summarized."""
+        lengths = self.lengths
+        return {
+            **self.stats.as_dict(),
+            "kept_examples": self.stats.kept_examples,
+            "trained_ratio": self.trained_ratio,
+            "failed_examples": self.failed_examples,
+            "errors": list(self.errors),
+            "formats": dict(self.formats),
+            "max_length": self.max_length,
+            "html_path": self.html_path,
+            "min_length": min(lengths) if lengths else 0,
+            "mean_length": sum(lengths) / len(lengths) if lengths else 0.0,
+            "max_length_seen": max(lengths) if lengths else 0,
+            "length_histogram": self.length_histogram(),
+        }
 
 
 # ---------------------------------------------------------------------------------------- rendering
@@ -236,24 +189,22 @@ def statistics_table(report: InspectionReport) -> Table:
 
 
 def _statistics_rows(report: InspectionReport) -> list[tuple[str, str]]:
-    stats = report.to_dict()
+    summary, stats = report.to_dict(), report.stats
     rows = [
-        ("examples", f"{report.examples:,}"),
+        ("examples", f"{stats.examples:,}"),
         ("formats", ", ".join(f"{name}: {count:,}" for name, count in sorted(report.formats.items()))),
-        ("total tokens", f"{report.total_tokens:,}"),
-        ("trained tokens", f"{report.trained_tokens:,} ({report.trained_ratio:.1%})"),
+        ("total tokens", f"{stats.total_tokens:,}"),
+        ("trained tokens", f"{stats.trained_tokens:,} ({report.trained_ratio:.1%})"),
         (
             "length min / mean / max",
-            f"{stats['min_length']} / {stats['mean_length']:.1f} / {stats['max_length_seen']}",
+            f"{summary['min_length']} / {summary['mean_length']:.1f} / {summary['max_length_seen']}",
         ),
         ("max_length", str(report.max_length)),
-        ("examples truncated", f"{report.truncated_examples:,}"),
-        ("tokens truncated", f"{report.truncated_tokens:,}"),
-        (
-            "examples with dropped turns",
-            f"{report.examples_with_dropped_turns:,} ({report.dropped_turns:,} turns)",
-        ),
-        ("examples with no trained token", f"{report.untrained_examples:,}"),
+        ("examples truncated", f"{stats.truncated_examples:,}"),
+        ("tokens truncated", f"{stats.truncated_tokens:,}"),
+        ("answers cut by truncation", f"{stats.truncated_completions:,}"),
+        ("turns dropped", f"{stats.dropped_turns:,}"),
+        ("examples with no trained token", f"{stats.untrained_examples:,}"),
     ]
     if report.failed_examples:
         rows.append(("examples that failed to encode", f"{report.failed_examples:,}"))
@@ -280,7 +231,7 @@ def length_histogram_png(report: InspectionReport) -> bytes | None:
         axes.legend()
     axes.set_xlabel("tokens per example (after truncation)")
     axes.set_ylabel("examples")
-    axes.set_title(f"{report.examples:,} examples, {report.trained_ratio:.1%} of tokens trained")
+    axes.set_title(f"{report.stats.kept_examples:,} examples, {report.trained_ratio:.1%} of tokens trained")
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
@@ -316,7 +267,7 @@ def write_html(
     )
     examples = "".join(
         f"<h3>Example {index} <small>({len(encoded['input_ids'])} tokens, "
-        f"{_trained_targets(encoded['labels'])} trained, {encoded.get('truncated_tokens', 0)} truncated)</small></h3>"
+        f"{encoded['trained_tokens']} trained, {encoded['truncated_tokens']} truncated)</small></h3>"
         f'<div class="example" data-index="{index}">{body}</div>'
         for index, body, encoded in shown
     )
@@ -339,20 +290,36 @@ def write_html(
 
 
 # ---------------------------------------------------------------------------------------- inspection
-def _trained_targets(labels: Sequence[int]) -> int:
-    # The loss pairs logits[t] with labels[t + 1]: labels[0] is never a target.
-    return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
+def _without_none_keys(messages: Any) -> Any:
+    # Arrow (datasets' JSON loader) gives every message every key seen anywhere in the column, missing
+    # ones as None; a chat template testing `message.name is defined` would then render "None".
+    if not isinstance(messages, list):
+        return messages
+    return [
+        {key: value for key, value in message.items() if value is not None}
+        if isinstance(message, Mapping)
+        else message
+        for message in messages
+    ]
+
+
+def _clean(example: Any) -> Any:
+    """The example with None-valued keys removed from its message dicts (see :func:`_without_none_keys`)."""
+    if not isinstance(example, Mapping):
+        return example
+    keys = [key for key in ("messages", "prompt", "completion") if isinstance(example.get(key), list)]
+    if not keys:
+        return example
+    return {**example, **{key: _without_none_keys(example[key]) for key in keys}}
 
 
 def _format_of(example: Any) -> str:
-    if isinstance(example, Mapping):
-        if example.get("input_ids") is not None:
-            return "pretokenized"
-        if example.get("messages") is not None:
-            return "messages"
-        if "prompt" in example and "completion" in example:
-            return "prompt_completion"
-    return "unknown"
+    if not isinstance(example, Mapping):
+        return "unknown"
+    try:
+        return detect_format([key for key, value in example.items() if value is not None])
+    except ValueError:
+        return "unknown"
 
 
 def inspect_dataset(
@@ -364,32 +331,43 @@ def inspect_dataset(
     console: Console | None = None,
     show_progress: bool | None = None,
     max_errors_kept: int = 5,
-    **collator_kwargs: Any,
+    **encoder_kwargs: Any,
 ) -> InspectionReport:
-    """Encode every example as training would, print ``num_examples`` of them and the statistics.
+    """Encode every example as training does, print ``num_examples`` of them and the statistics.
 
     Args:
         tokenizer: the training tokenizer.
-        examples: dicts in any format of :class:`~hf_shift_loss.collator.PromptMaskingCollator`
-            (a list, a ``datasets.Dataset``, ...).
-        num_examples: how many examples (the first ones) to show token by token.
+        examples: rows in any format of :class:`~hf_shift_loss.data.encode.Encoder` (a list of dicts, a
+            ``datasets.Dataset``, ...). ``None``-valued keys of chat messages (which Arrow adds for keys
+            other messages have) are removed before encoding.
+        num_examples: how many examples (the first that encode) to show token by token.
         html_path: where to write the self-contained HTML report (None: no report).
         console: where to print (default: a rich Console on stdout).
         show_progress: a progress bar; default on for datasets of 200 examples or more.
-        collator_kwargs: ``PromptMaskingCollator`` options: max_length, mask_prompt, train_roles,
-            train_end_of_turn, last_turn_only, chat_template_kwargs, ...
+        max_errors_kept: how many error messages of failing examples to keep (all are counted).
+        encoder_kwargs: :class:`~hf_shift_loss.data.encode.Encoder` options: ``max_length``,
+            ``train_on``, ``train_roles``, ``train_end_of_turn``, ``add_bos``, ``add_eos``,
+            ``chat_template_kwargs``.
 
     Returns:
         The :class:`InspectionReport`. An example that fails to encode is counted and its error kept
         (the first ``max_errors_kept``), not raised: finding such examples is what inspection is for.
-    """
-    from hf_shift_loss.collator import PromptMaskingCollator
 
+    Example:
+        >>> from transformers import AutoTokenizer  # doctest: +SKIP
+        >>> tokenizer = AutoTokenizer.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")  # doctest: +SKIP
+        >>> rows = [{"prompt": "Q: 2+2=", "completion": " 4"},
+        ...         {"messages": [{"role": "user", "content": "Capital of France?"},
+        ...                       {"role": "assistant", "content": "Paris."}]}]
+        >>> report = inspect_dataset(tokenizer, rows, num_examples=1, train_on="completion")  # doctest: +SKIP
+        >>> report.stats.examples, report.formats  # doctest: +SKIP
+        (2, {'prompt_completion': 1, 'messages': 1})
+    """
     console = console or Console()
-    collator = PromptMaskingCollator(tokenizer, **collator_kwargs)
-    report = InspectionReport(max_length=collator_kwargs.get("max_length"), html_path=html_path)
+    encoder = Encoder(tokenizer, **encoder_kwargs)
+    report = InspectionReport(max_length=encoder.max_length, html_path=html_path)
     examples = examples if isinstance(examples, Sequence) or hasattr(examples, "__len__") else list(examples)
-    total = len(examples)
+    total = len(examples)  # type: ignore[arg-type]
     if show_progress is None:
         show_progress = total >= PROGRESS_MIN_EXAMPLES
     formats: Counter[str] = Counter()
@@ -403,36 +381,31 @@ def inspect_dataset(
         transient=True,
     )
     for index, example in iterator:
-        report.examples += 1
         formats[_format_of(example)] += 1
         try:
-            encoded = collator.encode(example, index=index)
-        except ValueError as error:
+            encoded = encoder(_clean(example), index)
+        except (ValueError, TemplateError) as error:
             report.failed_examples += 1
             if len(report.errors) < max_errors_kept:
-                report.errors.append(str(error))
+                message = str(error)
+                if not isinstance(error, ValueError):  # the encoder's own errors name the row already
+                    message = f"row {index}: the chat template raised {type(error).__name__}: {message}"
+                report.errors.append(message)
             continue
-        input_ids, labels = encoded["input_ids"], encoded["labels"]
-        trained = _trained_targets(labels)
-        report.total_tokens += len(input_ids)
-        report.trained_tokens += trained
-        report.lengths.append(len(input_ids))
-        report.truncated_tokens += int(encoded.get("truncated_tokens", 0))
-        report.truncated_examples += int(encoded.get("truncated_tokens", 0) > 0)
-        report.dropped_turns += int(encoded.get("dropped_turns", 0))
-        report.examples_with_dropped_turns += int(encoded.get("dropped_turns", 0) > 0)
-        report.untrained_examples += int(trained == 0)
+        report.stats.add_example(encoded)
+        if encoded["trained_tokens"] > 0:
+            report.lengths.append(len(encoded["input_ids"]))
         if len(shown) < num_examples:
             shown.append((index, "", encoded))
     report.formats = dict(formats)
-    report.trained_ratio = report.trained_tokens / report.total_tokens if report.total_tokens else 0.0
 
     # Without colour (a pipe, a log, NO_COLOR) mark trained tokens with brackets instead.
     plain = console.color_system is None or console.no_color
     for index, _, encoded in shown:
         header = (
-            f"Example {index}: {len(encoded['input_ids'])} tokens, {_trained_targets(encoded['labels'])} trained, "
-            f"{encoded.get('truncated_tokens', 0)} truncated, {encoded.get('dropped_turns', 0)} turns dropped"
+            f"Example {index}: {len(encoded['input_ids'])} tokens, {encoded['trained_tokens']} trained, "
+            f"{encoded['truncated_tokens']} truncated, {encoded['dropped_turns']} turns dropped"
+            + ("" if encoded["trained_tokens"] else " (nothing trained: dropped in training)")
         )
         console.rule(header, align="left")
         console.print(
