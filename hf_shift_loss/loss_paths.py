@@ -105,7 +105,7 @@ class FusedLoss:
         with lm_head_returns_hidden_states(self.head):
             outputs = model(**model_inputs)
         hidden = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        loss, correct = fused_linear_cross_entropy(
+        result = fused_linear_cross_entropy(
             hidden.to(self.head.weight.device),  # model parallel: the head may sit on another device
             self.head.weight,
             targets,
@@ -116,11 +116,12 @@ class FusedLoss:
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
             chunk_size=self.chunk_size,
-            return_correct=True,
+            return_correct=count_correct,  # the argmax per chunk only when the accuracy is logged
         )
+        loss, correct = result if count_correct else (result, None)
         if isinstance(outputs, dict):  # its "logits" are hidden states: hand them on without
             outputs = type(outputs)(**{key: value for key, value in outputs.items() if key != "logits"})
-        return LossResult(loss, correct if count_correct else None, outputs)
+        return LossResult(loss, correct, outputs)
 
 
 def choose_loss_path(

@@ -105,7 +105,7 @@ class ShiftLossTrainer(Trainer):
         if peft_config is not None:
             model = _apply_peft(model, peft_config)
         self.data_stats: dict[str, DataStats | None] = {}
-        if data_collator is None:
+        if data_collator is None and (train_dataset is not None or eval_dataset is not None):
             if processing_class is None:
                 raise ValueError(
                     "ShiftLossTrainer needs processing_class (the tokenizer) to prepare the datasets, or a "

@@ -68,11 +68,15 @@ def test_packing_keeps_every_token_and_every_target(lengths, max_length, overflo
     examples = _examples(lengths, prompt_length=3)
     packed = pack_rows(_columns(examples), max_length, overflow=overflow)
     assert all(len(row) <= max_length for row in packed["input_ids"])
-    for ids, labels, positions in zip(packed["input_ids"], packed["labels"], packed["position_ids"], strict=True):
+    for ids, labels, positions in zip(
+        packed["input_ids"], packed["labels"], packed["position_ids"], strict=True
+    ):
         assert len(ids) == len(labels) == len(positions)
     kept = [e["input_ids"][:max_length] for e in examples] if overflow == "truncate" else None
     sequences = [
-        seq for ids, pos in zip(packed["input_ids"], packed["position_ids"], strict=True) for seq in _sequences(ids, pos)
+        seq
+        for ids, pos in zip(packed["input_ids"], packed["position_ids"], strict=True)
+        for seq in _sequences(ids, pos)
     ]
     tokens = sum(len(ids) for ids in packed["input_ids"])
     if overflow == "truncate":
@@ -169,7 +173,9 @@ def test_with_a_kv_cache_packed_sequences_leak_and_packing_is_refused():
     model = tiny_llama(attn_implementation="sdpa").train()
     batch, positions = _packed_batch(_examples([5, 7], prompt_length=0, seed=2), max_length=12)
     with_cache = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-    without_cache = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    without_cache = model(
+        input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+    ).logits
     second = slice(positions[0].index(0, 1), 12)
     assert not torch.allclose(with_cache[0, second], without_cache[0, second], atol=1e-3)
     with pytest.raises(ValueError, match="use_cache=False"):

@@ -207,8 +207,8 @@ def test_fused_and_eager_give_the_same_loss_curve(tmp_path, tie_word_embeddings)
     base = tiny_llama(tie_word_embeddings=tie_word_embeddings)
     eager_trainer, eager = losses_of_a_short_run(tmp_path, copy.deepcopy(base), "eager", z_loss=1e-3)
     fused_trainer, fused = losses_of_a_short_run(tmp_path, copy.deepcopy(base), "fused", z_loss=1e-3)
-    assert eager_trainer.output_head(eager_trainer.model) is None
-    assert fused_trainer.output_head(fused_trainer.model) is not None
+    assert eager_trainer.loss_path(eager_trainer.model).name == "eager"
+    assert fused_trainer.loss_path(fused_trainer.model).name == "fused"
     assert len(eager) == len(fused) == 4
     for eager_entry, fused_entry in zip(eager, fused, strict=True):
         assert fused_entry["loss"] == pytest.approx(eager_entry["loss"], rel=1e-4)
@@ -248,7 +248,7 @@ def test_fused_with_peft_lora_and_trained_lm_head(tmp_path):
     fused_model = get_peft_model(copy.deepcopy(base), config)
     eager_trainer, eager = losses_of_a_short_run(tmp_path, eager_model, "eager")
     fused_trainer, fused = losses_of_a_short_run(tmp_path, fused_model, "fused")
-    assert fused_trainer.output_head(fused_trainer.model) is not None
+    assert fused_trainer.loss_path(fused_trainer.model).name == "fused"
     for eager_entry, fused_entry in zip(eager, fused, strict=True):
         assert fused_entry["loss"] == pytest.approx(eager_entry["loss"], rel=1e-4)
 
@@ -258,7 +258,8 @@ def test_unsplittable_model_falls_back_to_eager_and_says_why(tmp_path, caplog):
     model = get_peft_model(tiny_llama(), config)
     with caplog.at_level("WARNING"):
         trainer, logged = losses_of_a_short_run(tmp_path, model, "auto")
-    assert trainer.output_head(trainer.model) is None
+    path = trainer.loss_path(trainer.model)
+    assert path.name == "eager" and "lm_head is adapted by peft" in path.reason
     assert "using the eager loss" in caplog.text and "lm_head is adapted by peft" in caplog.text
     assert caplog.text.count("using the eager loss") == 1
     assert all(math.isfinite(entry["loss"]) for entry in logged)
@@ -278,52 +279,31 @@ def test_evaluate_with_the_fused_path_matches_eager(tmp_path):
     assert metrics["fused"]["eval_loss"] == pytest.approx(metrics["eager"]["eval_loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("loss_impl", ["eager", "fused"])
-def test_packed_step_equals_padded_step(tmp_path, loss_impl):
-    """Packing changes the layout, not the update: same loss, same parameters after one step."""
-    base = tiny_llama()
-    results = {}
-    for packing in (False, True):
-        tokenizer = word_tokenizer()
-        collator = PromptMaskingCollator(tokenizer, max_length=32, packing=packing)
-        trainer = ShiftLossTrainer(
-            model=copy.deepcopy(base),
-            args=make_args(tmp_path / f"{loss_impl}{packing}", loss_impl=loss_impl),
-            train_dataset=Dataset.from_list(EXAMPLES),
-            data_collator=collator,
-        )
-        batch = collator(EXAMPLES)
-        assert ("attention_mask" in batch) is not packing
-        trainer.train()
-        logged = [entry for entry in trainer.state.log_history if "loss" in entry][0]
-        results[packing] = (logged, parameters_after(trainer))
-    (padded_log, padded_params), (packed_log, packed_params) = results[False], results[True]
-    assert packed_log["loss"] == pytest.approx(padded_log["loss"], rel=1e-5)
-    assert packed_log["trained_tokens"] == padded_log["trained_tokens"] == 22
-    assert packed_log["packing_fill"] > 0.5
-    for name, value in padded_params.items():
-        torch.testing.assert_close(packed_params[name], value, rtol=1e-4, atol=1e-6, msg=name)
-
-
 def test_fsdp_falls_back_to_eager_and_says_why(tmp_path, caplog):
     model = tiny_llama()
     trainer = ShiftLossTrainer(model=model, args=make_args(tmp_path, loss_impl="fused"))
     trainer.is_fsdp_enabled = True  # what Trainer sets under an FSDP accelerate config
     with caplog.at_level("WARNING"):
-        assert trainer.output_head(model) is None
-        assert trainer.output_head(model) is None
+        assert trainer.loss_path(model).name == "eager"
+        assert trainer.loss_path(model).name == "eager"
     assert caplog.text.count("FSDP shards the lm_head weight") == 1
 
 
 @pytest.mark.parametrize("loss_impl", ["eager", "fused"])
 def test_token_accuracy_is_not_computed_when_not_logged(tmp_path, loss_impl, monkeypatch):
-    import hf_shift_loss.trainer as trainer_module
+    import hf_shift_loss.loss_paths as loss_paths
 
     def forbidden(*args, **kwargs):
         raise AssertionError("token accuracy computed although log_token_accuracy=False")
 
-    monkeypatch.setattr(trainer_module, "count_correct_tokens", forbidden)
-    monkeypatch.setattr(trainer_module, "fused_linear_cross_entropy_with_accuracy", forbidden)
+    fused = loss_paths.fused_linear_cross_entropy
+
+    def fused_without_count(*args, return_correct=False, **kwargs):
+        assert not return_correct, "the fused loss counted correct tokens although they are not logged"
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(loss_paths, "count_correct_tokens", forbidden)
+    monkeypatch.setattr(loss_paths, "fused_linear_cross_entropy", fused_without_count)
     trainer = train_one_step(tiny_llama(), tmp_path, loss_impl=loss_impl, log_token_accuracy=False)
     logged = [entry for entry in trainer.state.log_history if "loss" in entry][0]
     assert "token_accuracy" not in logged and logged["trained_tokens"] == 22

@@ -148,7 +148,7 @@ def main() -> None:
             "example_trained_tokens": trained_counts,
             "trained_tokens": logged[0].get("trained_tokens"),
             "world_size": trainer.accelerator.num_processes,
-            "fused": trainer.output_head(trainer.model) is not None,
+            "fused": trainer.loss_path(trainer.model).name == "fused",
         }
         with open(os.path.join(options.out, "result.json"), "w") as file:
             json.dump(result, file)
