@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
-from sft_models import build_tiny_llama
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+# The tiny Llama builder lives with the recipe's models (recipes/sft_models.py); 2-rank scripts import
+# this module without the tests' conftest, so the path is set here.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes"))
+from sft_models import build_tiny_llama  # noqa: E402
 
 WORDS = (
     "where is the capital of China The Beijing what France Paris a an and city big small river "
