@@ -25,6 +25,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "dist_scripts", "train_one_step.py")
+COUNT_SCRIPT = os.path.join(ROOT, "tests", "dist_scripts", "count_data.py")
 TIMEOUT_S = 150
 
 pytestmark = pytest.mark.slow
@@ -170,3 +171,46 @@ def test_two_ranks_with_the_fused_loss_match_one_process(reference, tmp_path):
     assert fused["batches"] == {"rank0": [[0, 1], [4, 5]], "rank1": [[2, 3], [6, 7]]}
     assert _max_relative_difference(fused["update"], fused_reference["update"]) < 1e-4
     assert fused["logged_loss"] == pytest.approx(reference["reference_token_mean"], rel=1e-5)
+
+
+def _launch_two_ranks(script: str, *script_args: str) -> subprocess.CompletedProcess:
+    command = [
+        *(sys.executable, "-m", "accelerate.commands.launch"),
+        *("--multi_gpu", "--num_processes", "2", "--num_machines", "1"),
+        *("--mixed_precision", "no", "--dynamo_backend", "no"),
+        *("--main_process_port", str(_free_port())),
+        script,
+        *script_args,
+    ]
+    process = subprocess.run(
+        command, cwd=ROOT, env=_environment(), capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+    assert process.returncode == 0, process.stderr[-5000:]
+    return process
+
+
+@pytest.mark.parametrize("max_length", [8, 64])
+def test_two_ranks_log_the_true_data_counts(tmp_path, max_length):
+    """Each rank logs the counts of the whole prepared dataset, equal to one process's; 0 stays 0."""
+    sys.path.insert(0, os.path.join(ROOT, "tests", "dist_scripts"))
+    from count_data import ROWS
+    from datasets import Dataset
+    from helpers import word_tokenizer
+
+    from hf_shift_loss.data import Encoder, prepare_dataset
+
+    _launch_two_ranks(COUNT_SCRIPT, "--out", str(tmp_path), "--max-length", str(max_length))
+    truth = prepare_dataset(Dataset.from_list(ROWS), Encoder(word_tokenizer(), max_length=max_length)).stats
+    for rank in (0, 1):
+        with open(tmp_path / f"rank{rank}.json", encoding="utf-8") as file:
+            result = json.load(file)
+        assert result["world_size"] == 2
+        logged = result["logged"]
+        assert logged["data/truncated_tokens"] == truth.truncated_tokens
+        assert logged["data/truncated_examples"] == truth.truncated_examples
+        assert logged["data/untrained_examples"] == truth.untrained_examples
+        assert logged["data/kept_examples"] == truth.kept_examples == 12
+        if max_length == 64:
+            assert logged["data/truncated_tokens"] == 0 and logged["data/untrained_examples"] == 0
+        else:  # 12 -> 8 and 10 -> 8 tokens, three times; "is it a big city no" (8 tokens) kept whole
+            assert logged["data/truncated_tokens"] == 3 * (4 + 2)
