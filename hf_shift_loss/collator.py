@@ -51,8 +51,8 @@ class PromptMaskingCollator:
         ...                    "completion": "The capital is Beijing"}])
         >>> batch["input_ids"]
         tensor([[ 1,  4,  5,  6,  7,  8,  9,  3, 10,  7,  5, 11,  2]])
-        >>> batch["labels"]
-        tensor([[-100, -100, -100, -100, -100, -100, -100, -100,   10,    7,    5,   11,    2]])
+        >>> batch["labels"][0].tolist()  # the prompt is masked; the answer and its <eos> are trained
+        [-100, -100, -100, -100, -100, -100, -100, -100, 10, 7, 5, 11, 2]
         >>> collator.stats.trained_tokens  # 13 tokens, 5 trained targets: The capital is Beijing <eos>
         5
     """

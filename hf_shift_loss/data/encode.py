@@ -88,12 +88,7 @@ class Encoder:
         add_eos: end completions and texts with a trained EOS, so the model learns to stop.
         chat_template_kwargs: passed to ``apply_chat_template`` (``tools``, ``enable_thinking``, ...).
 
-    Example (a word-level tokenizer: the article's 13-token example):
-        >>> from tests.helpers import word_tokenizer  # doctest: +SKIP
-        >>> encoder = Encoder(word_tokenizer())  # doctest: +SKIP
-        >>> row = encoder({"prompt": "where is the capital of China", "completion": "The capital is Beijing"})
-        ... # doctest: +SKIP
-        >>> row["input_ids"], row["labels"]  # doctest: +SKIP
+    ``PromptMaskingCollator``'s docstring runs the article's 13-token example through this encoder.
     """
 
     tokenizer: Any
