@@ -43,14 +43,10 @@ class LossResult(NamedTuple):
     """The model's outputs (without logits on the fused path)."""
 
 
-@dataclass(frozen=True)
-class EagerLoss:
-    """Full logits from the model, then :func:`causal_lm_loss`."""
+class _LossPath:
+    """What both paths share: one call signature, the model's forward, then the path's own loss."""
 
-    label_smoothing: float = 0.0
-    z_loss: float = 0.0
-    reason: str = "loss_impl='eager'"
-    name: str = "eager"
+    name: str
 
     def __call__(
         self,
@@ -63,24 +59,46 @@ class EagerLoss:
         num_items_in_batch: torch.Tensor | int | None,
         count_correct: bool,
     ) -> LossResult:
+        """Run ``model(**model_inputs)`` (wrapped: DDP, peft) and the loss of ``targets`` ``[batch, seq]``.
+
+        ``reduction``/``num_items_in_batch`` as :func:`hf_shift_loss.causal_lm_loss`; ``count_correct``
+        also counts the trained tokens whose argmax is the target (for the logged token accuracy).
+        """
+        options = {"shift": shift, "reduction": reduction, "num_items_in_batch": num_items_in_batch}
+        return self._run(model, model_inputs, targets, options, count_correct)
+
+    def _run(
+        self, model: nn.Module, model_inputs: dict, targets: torch.Tensor, options: dict, count_correct: bool
+    ) -> LossResult:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class EagerLoss(_LossPath):
+    """Full logits ``[batch, seq, vocab]`` from the model, then :func:`causal_lm_loss`."""
+
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    reason: str = "loss_impl='eager'"
+    name: str = "eager"
+
+    def _run(
+        self, model: nn.Module, model_inputs: dict, targets: torch.Tensor, options: dict, count_correct: bool
+    ) -> LossResult:
         outputs = model(**model_inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         loss = causal_lm_loss(
-            logits,
-            targets,
-            shift=shift,
-            reduction=reduction,
-            num_items_in_batch=num_items_in_batch,
-            label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss,
+            logits, targets, label_smoothing=self.label_smoothing, z_loss=self.z_loss, **options
         )
         # The argmax is another pass over [batch, seq, vocab]: only when the accuracy is logged.
-        correct = count_correct_tokens(logits.detach(), targets, shift=shift) if count_correct else None
+        correct = (
+            count_correct_tokens(logits.detach(), targets, shift=options["shift"]) if count_correct else None
+        )
         return LossResult(loss, correct, outputs)
 
 
 @dataclass(frozen=True)
-class FusedLoss:
+class FusedLoss(_LossPath):
     """Hidden states from the model (its lm_head made the identity), then the chunked fused loss."""
 
     head: OutputHead
@@ -89,16 +107,8 @@ class FusedLoss:
     chunk_size: int | None = None
     name: str = "fused"
 
-    def __call__(
-        self,
-        model: nn.Module,
-        model_inputs: dict[str, Any],
-        targets: torch.Tensor,
-        *,
-        shift: bool,
-        reduction: Literal["mean", "sum"],
-        num_items_in_batch: torch.Tensor | int | None,
-        count_correct: bool,
+    def _run(
+        self, model: nn.Module, model_inputs: dict, targets: torch.Tensor, options: dict, count_correct: bool
     ) -> LossResult:
         # The wrapped model is called, not its backbone, so DDP's hooks, peft and accelerate see the whole
         # forward; only the [batch, seq, vocab] logits are skipped.
@@ -110,13 +120,11 @@ class FusedLoss:
             self.head.weight,
             targets,
             bias=self.head.bias,
-            shift=shift,
-            reduction=reduction,
-            num_items_in_batch=num_items_in_batch,
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
             chunk_size=self.chunk_size,
             return_correct=count_correct,  # the argmax per chunk only when the accuracy is logged
+            **options,
         )
         loss, correct = result if count_correct else (result, None)
         if isinstance(outputs, dict):  # its "logits" are hidden states: hand them on without

@@ -219,55 +219,39 @@ class ShiftLossTrainer(Trainer):
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """Run the model without labels, then the causal-LM loss normalized over the optimizer step.
 
-        Args:
-            model: the (possibly wrapped: DDP, peft) causal LM.
-            inputs: ``input_ids`` ``[batch, seq]``, ``attention_mask`` or ``position_ids``, and ``labels``
-                ``[batch, seq]`` aligned with ``input_ids`` (or pre-shifted ``shift_labels``).
-            num_items_in_batch: trained tokens of the optimizer step (all micro-batches, all ranks), from
-                :meth:`_get_num_items_in_batch`; None outside Trainer's step loop.
+        ``inputs``: ``input_ids`` ``[batch, seq]``, ``attention_mask`` or (packed) ``position_ids``, and
+        ``labels`` aligned with ``input_ids`` (or pre-shifted ``shift_labels``). ``num_items_in_batch``:
+        trained tokens of the optimizer step, all micro-batches and ranks (None outside the step loop).
         """
         targets, shift = _targets(inputs)
         model_inputs = {key: value for key, value in inputs.items() if key not in _TARGET_KEYS}
         if "position_ids" in model_inputs and "attention_mask" not in model_inputs:
-            # A packed batch: the block-diagonal mask is only built without a KV cache.
-            model_inputs["use_cache"] = False
+            model_inputs["use_cache"] = False  # packed: the block-diagonal mask is only built without a cache
             check_packing_support(
                 self.accelerator.unwrap_model(model), model_inputs["position_ids"], use_cache=False
             )
-        trained_tokens = count_trained_tokens(targets, shift=shift)
-        path = self.loss_path(model)
-        if model.training:
-            loss, correct, outputs = path(
-                model,
-                model_inputs,
-                targets,
-                shift=shift,
-                reduction="mean",
-                num_items_in_batch=num_items_in_batch,
-                count_correct=self.args.log_token_accuracy,
-            )
-            if (
-                num_items_in_batch is None
-            ):  # outside the step loop: a micro-batch mean, scaled for accumulation
-                loss = loss / getattr(self, "current_gradient_accumulation_steps", 1)
-            else:
-                loss = loss * self._data_parallel_scale()
-            self._loss_metrics.add(trained_tokens.to(loss.device), correct)
-        else:
-            # Evaluation: sum and count, so that eval_loss is the exact token mean of the eval set.
-            loss_sum, _, outputs = path(
-                model,
-                model_inputs,
-                targets,
-                shift=shift,
-                reduction="sum",
-                num_items_in_batch=None,
-                count_correct=False,
-            )
+        training = model.training
+        loss, correct, outputs = self.loss_path(model)(
+            model,
+            model_inputs,
+            targets,
+            shift=shift,
+            reduction="mean" if training else "sum",
+            num_items_in_batch=num_items_in_batch if training else None,
+            count_correct=training and self.args.log_token_accuracy,
+        )
+        trained_tokens = count_trained_tokens(targets, shift=shift).to(loss.device)
+        if not training:  # evaluation: sum and count, so that eval_loss is the exact token mean
             if self._eval_sums is not None:
-                self._eval_sums[0] += loss_sum.detach()
-                self._eval_sums[1] += trained_tokens.to(loss_sum.device)
-            loss = loss_sum / trained_tokens.to(loss_sum.device).clamp(min=1)
+                self._eval_sums[0] += loss.detach()
+                self._eval_sums[1] += trained_tokens
+            loss = loss / trained_tokens.clamp(min=1)
+        elif num_items_in_batch is None:  # outside the step loop: a micro-batch mean, scaled for accumulation
+            loss = loss / getattr(self, "current_gradient_accumulation_steps", 1)
+        else:
+            loss = loss * self._data_parallel_scale()  # undo DDP's gradient mean: the count is global
+        if training:
+            self._loss_metrics.add(trained_tokens, correct)
         return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------ logging
