@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from hf_shift_loss.data.chat import END_OF_TURN_MODES
+from hf_shift_loss.data.chat import DEFAULT_END_OF_TURN, DEFAULT_TRAIN_ROLES, END_OF_TURN_MODES
 from hf_shift_loss.data.encode import TRAIN_ON
 
 
@@ -56,12 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-length", type=_positive_int, help="truncate as training would (default: no limit)"
     )
     inspect.add_argument(
-        "--train-roles", nargs="+", default=["assistant"], help="chat roles trained (default: assistant)"
+        "--train-roles",
+        nargs="+",
+        default=list(DEFAULT_TRAIN_ROLES),
+        help="chat roles trained (default: assistant)",
     )
     inspect.add_argument(
         "--train-end-of-turn",
         choices=END_OF_TURN_MODES,
-        default="turn",
+        default=DEFAULT_END_OF_TURN,
         help="end-of-turn tokens trained (default: turn)",
     )
     inspect.add_argument(

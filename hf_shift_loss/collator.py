@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 
 from hf_shift_loss.data.batch import Batcher, resolve_pad_token_id
-from hf_shift_loss.data.chat import EndOfTurnMode
+from hf_shift_loss.data.chat import DEFAULT_END_OF_TURN, DEFAULT_TRAIN_ROLES, EndOfTurnMode
 from hf_shift_loss.data.encode import Encoder, TrainOn
 from hf_shift_loss.data.stats import DataStats
 
@@ -63,8 +63,8 @@ class PromptMaskingCollator:
         *,
         max_length: int | None = None,
         train_on: TrainOn = "completion",
-        train_roles: Sequence[str] = ("assistant",),
-        train_end_of_turn: EndOfTurnMode = "turn",
+        train_roles: Sequence[str] = DEFAULT_TRAIN_ROLES,
+        train_end_of_turn: EndOfTurnMode = DEFAULT_END_OF_TURN,
         chat_template_kwargs: Mapping[str, Any] | None = None,
         add_bos: bool | None = None,
         add_eos: bool = True,

@@ -17,6 +17,9 @@ from typing import Any, Literal
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from hf_shift_loss.data.chat import DEFAULT_END_OF_TURN, DEFAULT_TRAIN_ROLES, END_OF_TURN_MODES
+from hf_shift_loss.data.encode import TRAIN_ON
+
 __all__ = ["ShiftLossArguments", "parse_config"]
 
 
@@ -69,11 +72,11 @@ class ShiftLossArguments(TrainingArguments):
         },
     )
     train_roles: list[str] = field(
-        default_factory=lambda: ["assistant"],
+        default_factory=lambda: list(DEFAULT_TRAIN_ROLES),
         metadata={"help": "Chat roles whose turns are trained (e.g. assistant tool)."},
     )
     train_end_of_turn: Literal["turn", "last", "all", "none"] = field(
-        default="turn",
+        default=DEFAULT_END_OF_TURN,
         metadata={
             "help": "End-of-turn tokens trained: after every trained turn ('turn'), the last one, all turns, "
             "or none. Without them the model does not learn to stop."
@@ -188,8 +191,8 @@ class ShiftLossArguments(TrainingArguments):
 _CHANGED_DEFAULTS = ("remove_unused_columns", "prediction_loss_only", "ddp_find_unused_parameters")
 _CHOICES = {
     "packing_overflow": ("truncate", "split"),
-    "train_on": ("completion", "all", "last_turn"),
-    "train_end_of_turn": ("turn", "last", "all", "none"),
+    "train_on": TRAIN_ON,
+    "train_end_of_turn": END_OF_TURN_MODES,
     "on_untrained": ("drop", "raise"),
     "loss_impl": ("auto", "eager", "fused"),
 }

@@ -249,3 +249,16 @@ def test_packed_training_equals_padded_training(tmp_path, loss_impl):
     for name, value in padded_params.items():
         difference = (packed_params[name] - value).norm() / value.norm().clamp(min=1e-12)
         assert difference < 1e-4, name
+
+
+def test_a_streamed_dataset_is_packed_in_windows_like_a_map_style_one():
+    examples = _examples([9, 3, 14, 6, 5, 11, 4, 7], prompt_length=2)
+    encoder = Encoder(word_tokenizer(), max_length=16)
+    whole = prepare_dataset(Dataset.from_list(examples), encoder, packing=True)
+    streamed = prepare_dataset(Dataset.from_list(examples).to_iterable_dataset(), encoder, packing=True)
+    assert streamed.stats is None  # counted as rows are read
+    rows = list(streamed.dataset)
+    assert set(rows[0]) == {"input_ids", "labels", "position_ids"}
+    # One window holds the whole (small) dataset: the same rows as packing it at once.
+    assert [row["input_ids"] for row in rows] == whole.dataset["input_ids"]
+    assert sum(_targets(row["labels"]) for row in rows) == whole.stats.trained_tokens

@@ -25,6 +25,9 @@ from hf_shift_loss.loss import IGNORE_INDEX
 
 EndOfTurnMode = Literal["turn", "last", "all", "none"]
 END_OF_TURN_MODES = ("turn", "last", "all", "none")
+# What is trained by default: every assistant turn with the end-of-turn token after it.
+DEFAULT_TRAIN_ROLES = ("assistant",)
+DEFAULT_END_OF_TURN: EndOfTurnMode = "turn"
 STANDARD_ROLES = ("system", "user", "assistant", "tool")
 
 __all__ = ["encode_messages", "END_OF_TURN_MODES", "STANDARD_ROLES"]
@@ -350,8 +353,8 @@ def encode_messages(
     tokenizer: Any,
     messages: Sequence[Mapping[str, Any]],
     *,
-    train_roles: str | Sequence[str] = ("assistant",),
-    train_end_of_turn: EndOfTurnMode = "turn",
+    train_roles: str | Sequence[str] = DEFAULT_TRAIN_ROLES,
+    train_end_of_turn: EndOfTurnMode = DEFAULT_END_OF_TURN,
     last_turn_only: bool = False,
     max_length: int | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 
-from hf_shift_loss.data.chat import EndOfTurnMode, encode_messages
+from hf_shift_loss.data.chat import DEFAULT_END_OF_TURN, DEFAULT_TRAIN_ROLES, EndOfTurnMode, encode_messages
 from hf_shift_loss.loss import IGNORE_INDEX
 
 __all__ = ["FORMATS", "Encoder", "TrainOn", "detect_format", "trained_targets"]
@@ -94,8 +94,8 @@ class Encoder:
     tokenizer: Any
     max_length: int | None = None
     train_on: TrainOn = "completion"
-    train_roles: tuple[str, ...] = ("assistant",)
-    train_end_of_turn: EndOfTurnMode = "turn"
+    train_roles: tuple[str, ...] = DEFAULT_TRAIN_ROLES
+    train_end_of_turn: EndOfTurnMode = DEFAULT_END_OF_TURN
     add_bos: bool | None = None
     add_eos: bool = True
     chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)
