@@ -398,8 +398,6 @@ def _validate_inputs(
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be [vocab] = ({weight.shape[0]},), got shape {tuple(bias.shape)}")
     check_labels_shape(labels, hidden, "hidden", "hidden")
-    if labels.is_floating_point() or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be integer token ids, got {labels.dtype}")
 
 
 @overload
@@ -532,7 +530,7 @@ def fused_linear_cross_entropy(
     vocab_size, hidden_size = weight.shape
 
     # Model parallelism: the batch may live on another device than the lm_head's input.
-    labels = labels.to(hidden.device)
+    labels = labels.to(device=hidden.device, dtype=torch.long)
     targets = shift_labels(labels, ignore_index) if shift else labels
     validate_labels(targets, vocab_size, ignore_index)
 

@@ -76,7 +76,16 @@ def validate_labels(targets: torch.Tensor, vocab_size: int, ignore_index: int = 
 def check_labels_shape(
     labels: torch.Tensor, scores: torch.Tensor, scores_name: str, last_dim_name: str
 ) -> None:
-    """Raise ``ValueError`` unless ``labels`` is shaped like ``scores`` without its last dimension."""
+    """Raise ``ValueError`` unless ``labels`` holds integer ids shaped like ``scores`` without its last dimension.
+
+    Any integer dtype is accepted (int64, int32, uint8, ...); floating point, complex and bool labels are
+    refused, the same way by the eager and the fused loss.
+    """
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(
+            f"labels must be integer token ids (any integer dtype), got {labels.dtype}; convert them with "
+            "labels.long() if they hold ids, or build them from input_ids"
+        )
     if tuple(labels.shape) != tuple(scores.shape[:-1]):
         raise ValueError(
             f"labels shape {tuple(labels.shape)} does not match {scores_name} shape {tuple(scores.shape)} "
@@ -193,7 +202,7 @@ def causal_lm_loss(
     vocab_size = logits.shape[-1]
 
     # Model parallelism: the lm_head (and so the logits) may live on another device than the batch.
-    labels = labels.to(logits.device)
+    labels = labels.to(device=logits.device, dtype=torch.long)  # cross_entropy takes int64 targets
     targets = shift_labels(labels, ignore_index) if shift else labels
     validate_labels(targets, vocab_size, ignore_index)
 

@@ -9,7 +9,7 @@ from helpers import tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_shift_loss import causal_lm_loss
+from hf_shift_loss import causal_lm_loss, fused_linear_cross_entropy
 from hf_shift_loss.loss import count_correct_tokens, count_trained_tokens, shift_labels
 
 ARTICLE_LOGITS = [[2.0, 1.0, 0.1], [0.5, 2.5, 0.3], [1.5, 0.5, 2.0]]
@@ -227,3 +227,25 @@ def test_z_loss_with_label_smoothing_value_and_gradient_match_the_definition():
     torch.testing.assert_close(grad_ours, grad_reference)
     none = causal_lm_loss(logits, labels, label_smoothing=0.2, z_loss=1e-2, reduction="none")
     assert torch.all(none.reshape(-1)[~trained] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
+def test_any_integer_label_dtype_gives_the_same_loss_eager_and_fused(dtype):
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 5, 8), torch.randn(11, 8)
+    labels = torch.tensor([[-100, 3, 4, 10, 0], [-100, -100, 7, 1, 2]])
+    labels = labels if dtype != torch.uint8 else labels.clamp(min=0)  # uint8 cannot hold -100
+    expected = causal_lm_loss(hidden @ weight.T, labels)
+    assert torch.equal(causal_lm_loss(hidden @ weight.T, labels.to(dtype)), expected)
+    fused = fused_linear_cross_entropy(hidden, weight, labels.to(dtype))
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool])
+def test_non_integer_labels_get_the_same_value_error_eager_and_fused(dtype):
+    hidden, weight = torch.randn(1, 4, 8), torch.randn(11, 8)
+    labels = torch.tensor([[0, 1, 2, 3]]).to(dtype)
+    with pytest.raises(ValueError, match="labels must be integer token ids"):
+        causal_lm_loss(hidden @ weight.T, labels)
+    with pytest.raises(ValueError, match="labels must be integer token ids"):
+        fused_linear_cross_entropy(hidden, weight, labels)
