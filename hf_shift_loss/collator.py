@@ -116,5 +116,7 @@ class PromptMaskingCollator:
         if not encoded_batch:
             # Every example was untrainable. An all-masked batch contributes exactly 0 to the loss (the
             # loss is normalized by the step's trained tokens), which keeps data-parallel ranks in step.
-            encoded_batch = [self.encoder(examples[0], None)]
+            encoded_batch = [row for row in map(self.encoder, examples) if row["input_ids"]]
+            if not encoded_batch:
+                raise ValueError(f"all {len(examples)} examples of this batch are empty (no token at all)")
         return self.batcher(encoded_batch)

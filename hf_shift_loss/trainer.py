@@ -120,14 +120,16 @@ class ShiftLossTrainer(Trainer):
                 train_end_of_turn=args.train_end_of_turn,
                 chat_template_kwargs=args.chat_template_kwargs or {},
             )
-            train_dataset = self._prepare(args, encoder, _train_split(train_dataset), "train")
+            embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+            vocab_size = getattr(embeddings, "num_embeddings", None)
+            train_dataset = self._prepare(args, encoder, _train_split(train_dataset), "train", vocab_size)
             if isinstance(eval_dataset, dict):
                 eval_dataset = {
-                    key: self._prepare(args, encoder, value, f"eval:{key}")
+                    key: self._prepare(args, encoder, value, f"eval:{key}", vocab_size)
                     for key, value in eval_dataset.items()
                 }
             else:
-                eval_dataset = self._prepare(args, encoder, eval_dataset, "eval")
+                eval_dataset = self._prepare(args, encoder, eval_dataset, "eval", vocab_size)
         super().__init__(
             model=model,
             args=args,
@@ -145,7 +147,9 @@ class ShiftLossTrainer(Trainer):
         self._data_stats_logged = False
 
     # ------------------------------------------------------------------ setup
-    def _prepare(self, args: ShiftLossArguments, encoder: Encoder, dataset: Any, name: str) -> Any:
+    def _prepare(
+        self, args: ShiftLossArguments, encoder: Encoder, dataset: Any, name: str, vocab_size: int | None
+    ) -> Any:
         if dataset is None:
             return None
         with args.main_process_first(desc=f"preparing the {name} set"):
@@ -157,6 +161,7 @@ class ShiftLossTrainer(Trainer):
                 on_untrained=args.on_untrained,
                 num_proc=args.num_proc,
                 name=name,
+                vocab_size=vocab_size,
             )
         self.data_stats[name] = prepared.stats
         if args.process_index == 0:
@@ -296,11 +301,18 @@ class ShiftLossTrainer(Trainer):
         trained_tokens = int(self.accelerator.reduce(sums[1].clone(), reduction="sum"))
         if trained_tokens > 0:
             mean_loss = float(loss_sum) / trained_tokens
-            output.metrics[f"{metric_key_prefix}_loss"] = mean_loss
-            output.metrics[f"{metric_key_prefix}_perplexity"] = (
-                math.exp(mean_loss) if mean_loss < 700 else math.inf
+            perplexity = math.exp(mean_loss) if mean_loss < 700 else math.inf
+        else:  # a mean over nothing: NaN, never a 0.0 that reads as a perfect model
+            mean_loss = perplexity = math.nan
+            logger.warning(
+                "%s: the evaluation set has no trained token, so %s_loss is NaN; check its masking "
+                "(train_on, train_roles) and max_length",
+                metric_key_prefix,
+                metric_key_prefix,
             )
-            output.metrics[f"{metric_key_prefix}_trained_tokens"] = trained_tokens
+        output.metrics[f"{metric_key_prefix}_loss"] = mean_loss
+        output.metrics[f"{metric_key_prefix}_perplexity"] = perplexity
+        output.metrics[f"{metric_key_prefix}_trained_tokens"] = trained_tokens
         return output
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from hf_shift_loss.data.encode import Encoder, detect_format
 from hf_shift_loss.data.pack import Overflow, pack_rows
 from hf_shift_loss.data.stats import COUNT_COLUMNS, DataStats
+from hf_shift_loss.loss import IGNORE_INDEX
 
 __all__ = ["PreparedDataset", "prepare_dataset"]
 
@@ -56,6 +57,7 @@ def prepare_dataset(
     on_untrained: str = "drop",
     num_proc: int | None = None,
     name: str = "train",
+    vocab_size: int | None = None,
 ) -> PreparedDataset:
     """Encode every row, drop (or refuse) rows with nothing to train, count, and optionally pack.
 
@@ -71,6 +73,8 @@ def prepare_dataset(
             ``"raise"``-s a ValueError naming the row.
         num_proc: worker processes for ``datasets.map`` (map-style datasets).
         name: how the dataset is named in messages ("train", "eval").
+        vocab_size: the model's embedding rows: an input id or label outside ``[0, vocab_size)`` is
+            reported here, once, naming the row and position (not as a device-side assert mid-training).
 
     Returns:
         :class:`PreparedDataset`: columns ``input_ids``, ``labels`` (and ``position_ids`` when packed).
@@ -91,9 +95,9 @@ def prepare_dataset(
     )
     encoded = dataset.map(encoder, with_indices=True, remove_columns=columns, **map_options)
 
-    stats = None if streamed else _count(encoded, name, on_untrained)
+    stats = None if streamed else _count(encoded, name, on_untrained, vocab_size)
     if streamed:
-        encoded = encoded.filter(_StreamedUntrainedFilter(name, on_untrained), with_indices=True)
+        encoded = encoded.filter(_StreamedRowFilter(name, on_untrained, vocab_size), with_indices=True)
     elif stats.untrained_examples:
         encoded = encoded.filter(_has_trained_tokens, input_columns="trained_tokens", batched=True)
     encoded = encoded.remove_columns([column for column in COUNT_COLUMNS if column in _columns(encoded)])
@@ -122,7 +126,19 @@ def prepare_dataset(
     return PreparedDataset(dataset=encoded, stats=stats, format=data_format)
 
 
-def _count(encoded: datasets.Dataset, name: str, on_untrained: str) -> DataStats:
+def check_token_ids(input_ids: list[int], labels: list[int], vocab_size: int, where: str) -> None:
+    """Raise ``ValueError`` naming the first id outside ``[0, vocab_size)`` (labels: other than -100)."""
+    for column, values in (("input id", input_ids), ("label", labels)):
+        for position, value in enumerate(values):
+            if (value < 0 or value >= vocab_size) and not (column == "label" and value == IGNORE_INDEX):
+                raise ValueError(
+                    f"{where}, position {position}: {column} {value} is outside the model's embedding of "
+                    f"{vocab_size} rows; the tokenizer does not match the model (after adding tokens, call "
+                    "model.resize_token_embeddings(len(tokenizer)))"
+                )
+
+
+def _count(encoded: datasets.Dataset, name: str, on_untrained: str, vocab_size: int | None) -> DataStats:
     """Exact statistics of an encoded map-style dataset, from its count columns."""
     counts = encoded.with_format("numpy", columns=[*COUNT_COLUMNS, "input_ids"])
     trained = np.asarray(counts["trained_tokens"])
@@ -135,6 +151,12 @@ def _count(encoded: datasets.Dataset, name: str, on_untrained: str) -> DataStats
             "on_untrained='drop' to drop them (counted)"
         )
     lengths = np.asarray([len(ids) for ids in encoded["input_ids"]])
+    if vocab_size is not None:
+        for row, (input_ids, labels) in enumerate(zip(encoded["input_ids"], encoded["labels"], strict=True)):
+            if input_ids and (
+                max(input_ids) >= vocab_size or min(input_ids) < 0 or max(labels) >= vocab_size
+            ):
+                check_token_ids(input_ids, labels, vocab_size, f"{name} set, row {row}")
     truncated = np.asarray(counts["truncated_tokens"])
     dropped_turns = np.asarray(counts["dropped_turns"])
     kept = trained > 0
@@ -165,13 +187,15 @@ def _has_trained_tokens(trained_tokens: list[int]) -> list[bool]:
     return [count > 0 for count in trained_tokens]
 
 
-class _StreamedUntrainedFilter:
-    """Drop streamed rows with no trained token, saying so for each (their total is not known in advance)."""
+class _StreamedRowFilter:
+    """Check streamed rows' ids and drop those with no trained token, saying so for each."""
 
-    def __init__(self, name: str, on_untrained: str) -> None:
-        self.name, self.on_untrained = name, on_untrained
+    def __init__(self, name: str, on_untrained: str, vocab_size: int | None) -> None:
+        self.name, self.on_untrained, self.vocab_size = name, on_untrained, vocab_size
 
     def __call__(self, row: dict[str, Any], index: int) -> bool:
+        if self.vocab_size is not None:
+            check_token_ids(row["input_ids"], row["labels"], self.vocab_size, f"{self.name} set, row {index}")
         if row["trained_tokens"] > 0:
             return True
         message = f"{self.name} set, row {index}: no trained token after masking and truncation"

@@ -1,0 +1,75 @@
+"""Bad input gets a clear outcome: a counted drop, a NaN with a warning, or a ValueError naming the row."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from datasets import Dataset
+from helpers import tiny_llama, word_tokenizer
+
+from hf_shift_loss import PromptMaskingCollator, ShiftLossArguments, ShiftLossTrainer, prepare_dataset
+from hf_shift_loss.data import Encoder
+
+
+def _args(tmp_path, **overrides):
+    options = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, disable_tqdm=True, max_steps=1)
+    return ShiftLossArguments(**(options | overrides))
+
+
+def test_eval_set_without_a_trained_token_reports_nan_and_says_so(tmp_path, caplog):
+    rows = [{"input_ids": [1, 5, 6], "labels": [-100, -100, -100]}] * 3
+    trainer = ShiftLossTrainer(
+        model=tiny_llama(),
+        args=_args(tmp_path, on_untrained="drop"),
+        eval_dataset={"quiet": Dataset.from_list(rows[:1] + [{"input_ids": [1, 5], "labels": [-100, 5]}])},
+        processing_class=word_tokenizer(),
+    )
+    # Preparation dropped the untrainable row; evaluate a set whose only row trains nothing:
+    trainer.eval_dataset["quiet"] = trainer.eval_dataset["quiet"].map(lambda row: {"labels": [-100, -100]})
+    with caplog.at_level("WARNING"):
+        metrics = trainer.evaluate()
+    assert math.isnan(metrics["eval_quiet_loss"]) and metrics["eval_quiet_trained_tokens"] == 0
+    assert "eval_quiet: the evaluation set has no trained token" in caplog.text
+
+
+def test_a_tokenizer_without_pad_and_eos_fails_at_construction_with_the_fix(tmp_path):
+    tokenizer = word_tokenizer()
+    tokenizer.pad_token = None
+    tokenizer.eos_token = None
+    with pytest.raises(ValueError, match=r"neither a pad token nor an EOS token.*tokenizer.pad_token ="):
+        ShiftLossTrainer(
+            model=tiny_llama(),
+            args=_args(tmp_path),
+            train_dataset=Dataset.from_list([{"text": "a b"}]),
+            processing_class=tokenizer,
+        )
+
+
+def test_empty_rows_are_dropped_and_counted():
+    rows = [{"input_ids": [], "labels": []}, {"input_ids": [1, 5, 6], "labels": [-100, 5, 6]}]
+    prepared = prepare_dataset(Dataset.from_list(rows), Encoder(word_tokenizer()))
+    assert prepared.stats.untrained_examples == 1 and len(prepared.dataset) == 1
+    with pytest.raises(ValueError, match="train set, row 0: no trained token"):
+        prepare_dataset(Dataset.from_list(rows), Encoder(word_tokenizer()), on_untrained="raise")
+    collator = PromptMaskingCollator(word_tokenizer())
+    with pytest.raises(ValueError, match="all 1 examples of this batch are empty"):
+        collator(rows[:1])
+
+
+def test_an_input_id_beyond_the_embedding_is_reported_once_at_preparation(tmp_path):
+    rows = [{"input_ids": [1, 5, 6], "labels": [-100, 5, 6]}, {"input_ids": [1, 5, 70, 6], "labels": None}]
+    with pytest.raises(ValueError, match=r"train set, row 1, position 2: input id 70 is outside .* 64 rows"):
+        ShiftLossTrainer(
+            model=tiny_llama(vocab_size=64),
+            args=_args(tmp_path),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=word_tokenizer(),
+        )
+    with pytest.raises(ValueError, match=r"row 0, position 1: input id -3 is outside"):
+        prepare_dataset(Dataset.from_list([{"input_ids": [1, -3]}]), Encoder(word_tokenizer()), vocab_size=64)
+    streamed = prepare_dataset(
+        Dataset.from_list(rows).to_iterable_dataset(), Encoder(word_tokenizer()), vocab_size=64
+    )
+    with pytest.raises(ValueError, match="row 1, position 2: input id 70"):
+        list(streamed.dataset)
