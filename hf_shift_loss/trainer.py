@@ -32,6 +32,7 @@ import datasets
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from hf_shift_loss.config import ShiftLossArguments
 from hf_shift_loss.data.batch import Batcher, resolve_pad_token_id
@@ -144,7 +145,6 @@ class ShiftLossTrainer(Trainer):
         self._loss_metrics = _LossMetrics()
         self._eval_sums: list[torch.Tensor] | None = None
         self._loss_paths: dict[int, EagerLoss | FusedLoss] = {}
-        self._data_stats_logged = False
 
     # ------------------------------------------------------------------ setup
     def _prepare(
@@ -169,15 +169,50 @@ class ShiftLossTrainer(Trainer):
             print(f"[hf_shift_loss] {name} set ({prepared.format}): {summary}")
         return prepared.dataset
 
-    def train(self, *args: Any, **kwargs: Any) -> Any:
-        """Stock ``Trainer.train``; first saves the data summary with the run (``data_summary.json``)."""
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        """Stock ``Trainer.train``; saves the data summary with the run (``data_summary.json``) and, when
+        resuming, restores the loss metrics saved with the checkpoint, so the resumed run logs exactly
+        what the uninterrupted run logs (``total_trained_tokens``, the per-step window, accuracy)."""
         if self.is_world_process_zero() and self.data_stats:
             os.makedirs(self.args.output_dir, exist_ok=True)
             summary = {name: stats.as_dict() if stats else None for name, stats in self.data_stats.items()}
             with open(os.path.join(self.args.output_dir, DATA_SUMMARY_FILE), "w", encoding="utf-8") as file:
                 json.dump(summary, file, indent=2)
-        self._data_stats_logged = False
-        return super().train(*args, **kwargs)
+        self._loss_metrics, self._resumed_window = _LossMetrics(), None
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)  # Trainer raises if None
+        if resume_from_checkpoint:
+            path = os.path.join(resume_from_checkpoint, _metrics_file(self.args.process_index))
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as file:
+                    state = json.load(file)
+                self._loss_metrics = _LossMetrics.from_state(state, self.args.device)
+                self._resumed_window = state["loss_window"]
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        """Stock RNG restore; then the stock loss window since the last log line, saved with the checkpoint
+        (Trainer itself restarts it at the checkpoint, so the first resumed ``loss`` would miss steps)."""
+        super()._load_rng_state(checkpoint)
+        if checkpoint is not None and getattr(self, "_resumed_window", None) is not None:
+            self._tr_loss.fill_(self._resumed_window["loss_sum"])
+            self._globalstep_last_logged = self._resumed_window["last_logged_step"]
+            # The closing train_loss stays the mean over this call's steps (stock semantics): the restored
+            # steps are drained into the total at the next log line, so they start it below zero.
+            self._total_loss_scalar = -self._resumed_window["loss_sum"]
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Stock checkpoint, plus this rank's loss metrics (restored by :meth:`train` on resume)."""
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(
+            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
+        os.makedirs(folder, exist_ok=True)
+        window = {"loss_sum": float(self._tr_loss), "last_logged_step": self._globalstep_last_logged}
+        with open(
+            os.path.join(folder, _metrics_file(self.args.process_index)), "w", encoding="utf-8"
+        ) as file:
+            json.dump(self._loss_metrics.state() | {"loss_window": window}, file)
 
     # ------------------------------------------------------------------ normalization
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
@@ -267,9 +302,9 @@ class ShiftLossTrainer(Trainer):
             logs.update(self._loss_metrics.pop(self.accelerator, max(steps, 1)))
             self._loss_metrics.last_logged_step = self.state.global_step
             train_stats = self.data_stats.get("train")
-            if train_stats is not None and not self._data_stats_logged:
+            if train_stats is not None and not self._loss_metrics.data_stats_logged:
                 logs.update(train_stats.log_entries("data"))
-                self._data_stats_logged = True
+                self._loss_metrics.data_stats_logged = True
         super().log(logs, start_time)
 
     def evaluation_loop(
@@ -353,14 +388,40 @@ def _apply_peft(model: nn.Module, peft_config: Any) -> nn.Module:
     return get_peft_model(model, peft_config)
 
 
+def _metrics_file(process_index: int) -> str:
+    return f"hf_shift_loss_metrics_{process_index}.json"
+
+
 class _LossMetrics:
-    """Token counts accumulated on device between log lines (no host sync per step)."""
+    """Token counts accumulated on device between log lines (no host sync per step); saved with checkpoints."""
 
     def __init__(self) -> None:
         self.trained_tokens: torch.Tensor | None = None
         self.correct_tokens: torch.Tensor | None = None
         self.total_trained_tokens = 0
         self.last_logged_step = 0
+        self.data_stats_logged = False
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the totals, and this rank's window since the last log line."""
+        return {
+            "total_trained_tokens": self.total_trained_tokens,
+            "last_logged_step": self.last_logged_step,
+            "data_stats_logged": self.data_stats_logged,
+            "window_trained_tokens": None if self.trained_tokens is None else int(self.trained_tokens),
+            "window_correct_tokens": None if self.correct_tokens is None else int(self.correct_tokens),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> _LossMetrics:
+        metrics = cls()
+        metrics.total_trained_tokens = int(state["total_trained_tokens"])
+        metrics.last_logged_step = int(state["last_logged_step"])
+        metrics.data_stats_logged = bool(state["data_stats_logged"])
+        for name in ("trained_tokens", "correct_tokens"):
+            value = state[f"window_{name}"]
+            setattr(metrics, name, None if value is None else torch.tensor(value, device=device))
+        return metrics
 
     def add(self, trained_tokens: torch.Tensor, correct_tokens: torch.Tensor | None) -> None:
         self.trained_tokens = (
