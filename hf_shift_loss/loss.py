@@ -45,14 +45,14 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torc
 
 
 def count_trained_tokens(
-    labels: torch.Tensor, *, shift: bool = True, ignore_index: int = IGNORE_INDEX
+    labels: torch.Tensor, *, shift: bool = True, ignore_index: int = IGNORE_INDEX, per_row: bool = False
 ) -> torch.Tensor:
-    """Number of positions the loss trains (a 0-dim int64 tensor, no host sync).
+    """Number of positions the loss trains: an int64 tensor, 0-dim (or ``[batch]`` with ``per_row``), no host sync.
 
     With ``shift=True`` the first label of every row is never a target, so it is not counted.
     """
-    targets = labels[..., 1:] if shift else labels
-    return (targets != ignore_index).sum()
+    trained = (labels[..., 1:] if shift else labels) != ignore_index
+    return trained.sum(-1) if per_row else trained.sum()
 
 
 def validate_labels(targets: torch.Tensor, vocab_size: int, ignore_index: int = IGNORE_INDEX) -> None:

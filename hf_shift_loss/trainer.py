@@ -276,23 +276,34 @@ class ShiftLossTrainer(Trainer):
             model_inputs,
             targets,
             shift=shift,
-            reduction="mean" if training else "sum",
+            reduction="mean" if training else "none",
             num_items_in_batch=num_items_in_batch if training else None,
             count_correct=training and self.args.log_token_accuracy,
         )
-        trained_tokens = count_trained_tokens(targets, shift=shift).to(loss.device)
-        if not training:  # evaluation: sum and count, so that eval_loss is the exact token mean
+        trained_tokens = count_trained_tokens(targets, shift=shift, per_row=True).to(loss.device)
+        if not training:  # evaluation: per-row sums and counts, for the exact token mean of the eval set
+            row_sums = loss.detach().reshape(trained_tokens.shape[0], -1).sum(-1)
             if self._eval_sums is not None:
-                self._eval_sums[0] += loss.detach()
-                self._eval_sums[1] += trained_tokens
-            loss = loss / trained_tokens.clamp(min=1)
+                self._add_eval_rows(row_sums, trained_tokens)
+            loss = row_sums.sum() / trained_tokens.sum().clamp(min=1)
         elif num_items_in_batch is None:  # outside the step loop: a micro-batch mean, scaled for accumulation
             loss = loss / getattr(self, "current_gradient_accumulation_steps", 1)
         else:
             loss = loss * self._data_parallel_scale()  # undo DDP's gradient mean: the count is global
         if training:
-            self._loss_metrics.add(trained_tokens, correct)
+            self._loss_metrics.add(trained_tokens.sum(), correct)
         return (loss, outputs) if return_outputs else loss
+
+    def _add_eval_rows(self, row_sums: torch.Tensor, row_tokens: torch.Tensor) -> None:
+        """Add one eval batch's rows of every rank, without the sampler's padding duplicates.
+
+        Under data parallelism the last batches are completed with rows from the start of the set, so
+        that every rank runs as many batches; ``gather_for_metrics`` drops them again.
+        """
+        rows = torch.stack([row_sums.float(), row_tokens.float()], dim=-1)  # counts < 2**24 per row: exact
+        rows = self.accelerator.gather_for_metrics(rows)
+        self._eval_sums[0] += rows[:, 0].sum()
+        self._eval_sums[1] += rows[:, 1].sum().long()
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -332,8 +343,7 @@ class ShiftLossTrainer(Trainer):
             )
         finally:
             sums, self._eval_sums = self._eval_sums, None
-        loss_sum = self.accelerator.reduce(sums[0].clone(), reduction="sum")
-        trained_tokens = int(self.accelerator.reduce(sums[1].clone(), reduction="sum"))
+        loss_sum, trained_tokens = sums[0], int(sums[1])  # gathered over ranks batch by batch
         if trained_tokens > 0:
             mean_loss = float(loss_sum) / trained_tokens
             perplexity = math.exp(mean_loss) if mean_loss < 700 else math.inf

@@ -214,3 +214,28 @@ def test_two_ranks_log_the_true_data_counts(tmp_path, max_length):
             assert logged["data/truncated_tokens"] == 0 and logged["data/untrained_examples"] == 0
         else:  # 12 -> 8 and 10 -> 8 tokens, three times; "is it a big city no" (8 tokens) kept whole
             assert logged["data/truncated_tokens"] == 3 * (4 + 2)
+
+
+EVAL_SCRIPT = os.path.join(ROOT, "tests", "dist_scripts", "evaluate.py")
+
+
+@pytest.mark.parametrize("rows", [5, 6])
+def test_two_rank_evaluation_equals_one_process(tmp_path, rows):
+    """5 rows over 2 ranks x batch 2: the sampler pads with repeated rows, which must not count."""
+    single = subprocess.run(
+        [sys.executable, EVAL_SCRIPT, "--out", str(tmp_path / "one"), "--rows", str(rows)],
+        cwd=ROOT,
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert single.returncode == 0, single.stderr[-5000:]
+    _launch_two_ranks(EVAL_SCRIPT, "--out", str(tmp_path / "two"), "--rows", str(rows))
+    with open(tmp_path / "one" / "metrics.json", encoding="utf-8") as file:
+        one = json.load(file)
+    with open(tmp_path / "two" / "metrics.json", encoding="utf-8") as file:
+        two = json.load(file)
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    assert two["eval_trained_tokens"] == one["eval_trained_tokens"]
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-6)
