@@ -1,23 +1,30 @@
-"""Packed vs padded training throughput on the bundled HumanEval rows, tiny Llama and SmolLM2-135M.
+"""Packing on the bundled HumanEval rows: rows per epoch, time per epoch, and why (CPU).
 
-    python benchmarks/bench_packing.py                 # prints the markdown table
-    python benchmarks/bench_packing.py --update-docs   # also (re)writes "## Packing" in docs/performance.md
+    python benchmarks/bench_packing.py                    # ~10 min on 2 cores; prints markdown tables and
+                                                          # writes benchmarks/results_packing.json
+    python benchmarks/bench_packing.py --skip-smollm      # tiny model only (about a minute)
+    python benchmarks/bench_packing.py --smollm-steps 2   # fewer SmolLM2 steps
 
-Both layouts train the very same trained tokens (packing masks only each sequence's first label, which
-is never a target anyway); they differ in how many tensor slots (and attention pairs) it takes:
+The 148 rows of ``recipes/data/humaneval_sft.jsonl`` become chat messages (user: prompt, assistant:
+completion) as in ``recipes/sft.py``, encoded with the SmolLM2 tokenizer by :class:`Encoder` through
+:func:`prepare_dataset`, as :class:`ShiftLossTrainer` does. Micro-batches of 4 (rows, for packing).
 
-- padded: micro-batches of ``--padded-batch`` examples in a fixed shuffled order, right-padded to the
-  longest, ``attention_mask`` (the collator's default);
-- packed: the whole dataset packed best-fit decreasing into rows of ``--max-length`` tokens, micro-batches
-  of ``--packed-rows`` rows, ``position_ids`` and no ``attention_mask`` (block-diagonal mask, sdpa).
-
-Each step is a forward + backward of the causal-LM loss (no optimizer, which costs the same either
-way). Throughput = trained tokens / second over the timed steps (after one warm-up step), per wall-clock
-second and per CPU second of this process (robust to other load on a shared machine); since the trained
-tokens per epoch are identical, the speed-up is the ratio of epoch times. Only a few steps are timed
-(spread over the epoch, padded and packed steps alternating) and their batch shapes differ, so the epoch
-time is projected as the median CPU seconds per tensor slot (measured, which includes the block-diagonal
-mask's overhead) x the epoch's exact slot count.
+(a) Rows per epoch and fill (real tokens / tensor slots, ``slots`` = rows x padded width of each
+    micro-batch, as :class:`Batcher` pads), at ``max_length`` 384 and 128, for
+    - ``padded``: one row per example, random order; ``padded, grouped``: ``group_by_length`` order
+      (transformers' ``get_length_grouped_indices``);
+    - ``per-batch packed``: the removed per-batch packer, i.e. :func:`pack_rows` on each random group of
+      4 encoded rows (what ``PromptMaskingCollator(packing=True)`` did);
+    - ``dataset packed``: ``prepare_dataset(..., packing=True)``, best-fit decreasing over the whole set.
+(b) Time per epoch, training as the trainer does (its loss path, ``loss_impl="auto"`` = fused; packed
+    batches with ``use_cache=False``) plus a plain SGD step, fixed seed, layouts alternating step by step
+    or epoch by epoch so that other load on the shared machine hits them alike; medians. Tiny Llama
+    (``build_tiny_llama``, SmolLM2 vocabulary): whole epochs. SmolLM2-135M (full fine-tuning, float32):
+    a few steps spread over the epoch, extrapolated as median seconds per slot x the epoch's slots.
+(c) Why: mask construction (``masking_utils.create_causal_mask``) against the backbone's forward;
+    the sdpa kernel with ``is_causal`` vs an explicit causal mask vs the packed block-diagonal mask vs
+    one call per sequence (what a varlen kernel would compute); attention work per epoch (sum of
+    rows x width^2 computed vs sum of L^2 needed); the row count.
 """
 
 from __future__ import annotations
@@ -25,137 +32,206 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import random
-import re
 import statistics
+import sys
 import time
-from dataclasses import dataclass
+from typing import Any
 
+import datasets
 import torch
+import torch.nn.functional as F
+from transformers.masking_utils import create_causal_mask
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
-from hf_shift_loss.collator import PromptMaskingCollator
-from hf_shift_loss.loss import causal_lm_loss, count_trained_tokens
-from hf_shift_loss.models import build_tiny_llama, load_model, load_tokenizer, smollm2_source
-from hf_shift_loss.packing import check_packing_support, collate_packed, pack_examples
+from hf_shift_loss.data import Batcher, Encoder, prepare_dataset, resolve_pad_token_id
+from hf_shift_loss.data.load import load_tokenizer
+from hf_shift_loss.data.pack import pack_rows
+from hf_shift_loss.loss import count_trained_tokens
+from hf_shift_loss.loss_paths import choose_loss_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "recipes"))
+from sft_models import build_tiny_llama, load_model, smollm2_source  # noqa: E402
+
 DATA = os.path.join(ROOT, "recipes", "data", "humaneval_sft.jsonl")
-PERFORMANCE_MD = os.path.join(ROOT, "docs", "performance.md")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_packing.json")
+BATCH = 4
+Row = dict[str, list[int]]
 
 
-@dataclass
-class Result:
-    model: str
-    layout: str
-    steps_per_epoch: int
-    slots_per_step: float  # tensor positions [rows x T] per micro-batch, padding included
-    real_tokens_per_step: float
-    trained_tokens_per_step: float
-    seconds_per_step: float  # wall clock
-    cpu_seconds_per_step: float  # process CPU time, all threads: robust to other load on the machine
-    trained_tokens_per_s: float  # per wall-clock second
-    trained_tokens_per_cpu_s: float
-    epoch_cpu_seconds: float  # projected: CPU seconds per slot (timed steps) x slots of the whole epoch
-
-    @property
-    def fill(self) -> float:
-        return self.real_tokens_per_step / self.slots_per_step
+def loadavg() -> str:
+    with open("/proc/loadavg") as file:
+        return " ".join(file.read().split()[:3])
 
 
-def load_rows(tokenizer, max_length: int) -> tuple[list[dict], dict]:
+# ---------------------------------------------------------------------------------------------- data
+def chat_rows() -> datasets.Dataset:
     with open(DATA) as file:
         rows = [json.loads(line) for line in file if line.strip()]
-    collator = PromptMaskingCollator(tokenizer, max_length=max_length)
-    encoded = [collator.encode(row, index) for index, row in enumerate(rows)]
-    return encoded, collator.stats.as_dict() | {
-        "truncated_tokens": sum(e["truncated_tokens"] for e in encoded)
+    messages = [
+        [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]
+        for r in rows
+    ]
+    return datasets.Dataset.from_dict({"messages": messages})
+
+
+def layouts_for(tokenizer: Any, raw: datasets.Dataset, max_length: int) -> tuple[dict, dict]:
+    """``{layout: [micro-batch = list of rows]}`` for the four layouts, and the prepared datasets' stats."""
+    encoder = Encoder(tokenizer, max_length=max_length)
+    padded = prepare_dataset(raw, encoder)
+    packed = prepare_dataset(raw, encoder, packing=True)
+    examples = [
+        {"input_ids": i, "labels": lab}
+        for i, lab in zip(padded.dataset["input_ids"], padded.dataset["labels"], strict=True)
+    ]
+    order = list(range(len(examples)))
+    random.Random(0).shuffle(order)
+    grouped = get_length_grouped_indices(
+        [len(e["input_ids"]) for e in examples], BATCH, generator=torch.Generator().manual_seed(0)
+    )
+    groups = [[examples[i] for i in order[s : s + BATCH]] for s in range(0, len(order), BATCH)]
+    per_batch = []
+    for group in groups:
+        columns = pack_rows(
+            {"input_ids": [e["input_ids"] for e in group], "labels": [e["labels"] for e in group]}, max_length
+        )
+        per_batch.append(_rows(columns))
+    dataset_rows = _rows(packed.dataset.to_dict())
+    random.Random(0).shuffle(dataset_rows)
+    layouts = {
+        "padded": groups,
+        "padded, grouped": [
+            [examples[i] for i in grouped[s : s + BATCH]] for s in range(0, len(grouped), BATCH)
+        ],
+        "per-batch packed": per_batch,
+        "dataset packed": [dataset_rows[s : s + BATCH] for s in range(0, len(dataset_rows), BATCH)],
+    }
+    return layouts, {"padded": padded.stats, "packed": packed.stats}
+
+
+def _rows(columns: dict) -> list[Row]:
+    return [
+        {"input_ids": i, "labels": lab, "position_ids": p}
+        for i, lab, p in zip(columns["input_ids"], columns["labels"], columns["position_ids"], strict=True)
+    ]
+
+
+def sequence_lengths(row: Row) -> list[int]:
+    """Lengths of the sequences in a row (packed rows restart ``position_ids`` at 0)."""
+    if "position_ids" not in row:
+        return [len(row["input_ids"])]
+    starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["position_ids"])]
+    return [b - a for a, b in zip(starts, starts[1:], strict=False)]
+
+
+def layout_counts(batches: list[list[Row]]) -> dict[str, float]:
+    tokens = sum(len(r["input_ids"]) for b in batches for r in b)
+    slots = sum(len(b) * max(len(r["input_ids"]) for r in b) for b in batches)
+    computed = sum(len(b) * max(len(r["input_ids"]) for r in b) ** 2 for b in batches)
+    needed = sum(n**2 for b in batches for r in b for n in sequence_lengths(r))
+    rows = sum(len(b) for b in batches)
+    return {
+        "steps": len(batches),
+        "rows": rows,
+        "tokens": tokens,
+        "slots": slots,
+        "fill": tokens / slots,
+        "mean_width": slots / rows,
+        "attention_pairs_computed": computed,  # rows x width^2: what dense sdpa (mask or is_causal) touches
+        "attention_pairs_needed": needed,  # sum of L^2 over sequences: what a varlen kernel needs
     }
 
 
-def padded_batches(
-    encoded: list[dict], batch_size: int, collator: PromptMaskingCollator
-) -> list[tuple[dict, int]]:
-    """(batch, real tokens) pairs: examples in a fixed shuffled order, right-padded per micro-batch."""
-    order = list(range(len(encoded)))
-    random.Random(0).shuffle(order)
-    batches = []
-    for start in range(0, len(order), batch_size):
-        examples = [encoded[i] for i in order[start : start + batch_size]]
-        batches.append((collator.pad(examples), sum(len(e["input_ids"]) for e in examples)))
-    return batches
+# ------------------------------------------------------------------------------------------ training
+class Stepper:
+    """One training micro-step as ShiftLossTrainer runs it (its loss path), plus a plain SGD step."""
+
+    def __init__(self, model: torch.nn.Module, pad_token_id: int) -> None:
+        self.model = model.train()
+        self.path = choose_loss_path(model, "auto")
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-5)
+        self.batcher = Batcher(pad_token_id=pad_token_id)
+
+    def __call__(self, rows: list[Row]) -> None:
+        batch = self.batcher(rows)
+        targets = batch.pop("labels")
+        if "position_ids" in batch:
+            batch["use_cache"] = False  # what the trainer adds for packed batches
+        loss = self.path(
+            self.model,
+            batch,
+            targets,
+            shift=True,
+            reduction="mean",
+            num_items_in_batch=None,
+            count_correct=False,
+        ).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
-def packed_batches(
-    encoded: list[dict], max_length: int, rows_per_step: int, pad_token_id: int
-) -> list[tuple[dict, int]]:
-    """(batch, real tokens) pairs: the whole dataset packed, rows in a fixed shuffled order."""
-    rows = list(pack_examples(encoded, max_length))
-    random.Random(0).shuffle(rows)
-    batches = []
-    for start in range(0, len(rows), rows_per_step):
-        chunk = rows[start : start + rows_per_step]
-        batches.append((collate_packed(chunk, pad_token_id), sum(len(row) for row in chunk)))
-    return batches
+def timed(function, *args) -> tuple[float, float]:
+    start, start_cpu = time.perf_counter(), time.process_time()
+    function(*args)
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
-def step(model, batch: dict) -> None:
-    """Forward + backward of the token-mean causal-LM loss (what ShiftLossTrainer does per micro-batch)."""
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
-    logits = model(**inputs, use_cache=False).logits
-    loss = causal_lm_loss(logits, batch["labels"])
-    loss.backward()
-    model.zero_grad(set_to_none=True)
+def add_flops(result: dict, model: torch.nn.Module, counts: dict[str, dict], trained_tokens: int) -> dict:
+    for name, entry in result.items():
+        entry["flops"] = model_flops(model, counts[name], trained_tokens)
+    return result
 
 
-def measure_side_by_side(
-    name: str, model, layouts: dict[str, list[tuple[dict, int]]], timed_steps: int
-) -> list[Result]:
-    """Time forward + backward of ``timed_steps`` batches per layout, spread over the epoch.
+def time_whole_epochs(stepper: Stepper, layouts: dict[str, list[list[Row]]], rounds: int) -> dict:
+    """Each round runs one whole epoch per layout; the layouts' order rotates between rounds."""
+    names = list(layouts)
+    for name in names:
+        stepper(layouts[name][0])  # warm-up
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            seconds, cpu_seconds = timed(lambda batches: [stepper(b) for b in batches], layouts[name])
+            wall[name].append(seconds)
+            cpu[name].append(cpu_seconds)
+    return {
+        n: {
+            "epoch_s": statistics.median(wall[n]),
+            "epoch_cpu_s": statistics.median(cpu[n]),
+            "runs_s": wall[n],
+        }
+        for n in names
+    }
 
-    The layouts' steps alternate (padded, packed, padded, ...), so load from other processes on a shared
-    machine hits both alike; the per-slot cost is the median over the timed steps.
-    """
-    chosen = {layout: _spread(len(batches), timed_steps) for layout, batches in layouts.items()}
-    for layout, batches in layouts.items():
-        step(model, batches[chosen[layout][0]][0])  # warm-up (allocator, kernels)
-    wall: dict[str, list[float]] = {layout: [] for layout in layouts}
-    cpu: dict[str, list[float]] = {layout: [] for layout in layouts}
-    for position in range(timed_steps):
-        for layout, batches in layouts.items():
-            if position >= len(chosen[layout]):
-                continue
-            start, start_cpu = time.perf_counter(), time.process_time()
-            step(model, batches[chosen[layout][position]][0])
-            wall[layout].append(time.perf_counter() - start)
-            cpu[layout].append(time.process_time() - start_cpu)
 
-    results = []
-    for layout, batches_and_tokens in layouts.items():
-        batches = [batch for batch, _ in batches_and_tokens]
-        real = [tokens for _, tokens in batches_and_tokens]
-        trained = [int(count_trained_tokens(batch["labels"])) for batch in batches]
-        slots = [batch["input_ids"].numel() for batch in batches]
-        timed = chosen[layout][: len(cpu[layout])]
-        timed_trained = sum(trained[index] for index in timed)
-        cpu_per_slot = statistics.median(
-            [seconds / slots[index] for seconds, index in zip(cpu[layout], timed, strict=True)]
-        )
-        results.append(
-            Result(
-                model=name,
-                layout=layout,
-                steps_per_epoch=len(batches),
-                slots_per_step=sum(slots) / len(batches),
-                real_tokens_per_step=sum(real) / len(batches),
-                trained_tokens_per_step=sum(trained) / len(batches),
-                seconds_per_step=sum(wall[layout]) / len(timed),
-                cpu_seconds_per_step=sum(cpu[layout]) / len(timed),
-                trained_tokens_per_s=timed_trained / sum(wall[layout]),
-                trained_tokens_per_cpu_s=timed_trained / sum(cpu[layout]),
-                epoch_cpu_seconds=cpu_per_slot * sum(slots),
-            )
-        )
-    return results
+def time_sampled_steps(stepper: Stepper, layouts: dict[str, list[list[Row]]], steps: int) -> dict:
+    """``steps`` micro-batches per layout spread over the epoch, alternating; epoch = median s/slot x slots."""
+    chosen = {n: _spread(len(b), steps) for n, b in layouts.items()}
+    for name, batches in layouts.items():
+        stepper(batches[chosen[name][-1]])  # warm-up
+    per_slot: dict[str, list[float]] = {n: [] for n in layouts}
+    per_slot_cpu: dict[str, list[float]] = {n: [] for n in layouts}
+    for position in range(steps):
+        for name, batches in layouts.items():
+            rows = batches[chosen[name][position]]
+            slots = len(rows) * max(len(r["input_ids"]) for r in rows)
+            seconds, cpu_seconds = timed(stepper, rows)
+            per_slot[name].append(seconds / slots)
+            per_slot_cpu[name].append(cpu_seconds / slots)
+            print(f"    {name}: {len(rows)} x {slots // len(rows)} in {seconds:.1f} s", flush=True)
+    out = {}
+    for name, batches in layouts.items():
+        slots = layout_counts(batches)["slots"]
+        out[name] = {
+            "epoch_s": statistics.median(per_slot[name]) * slots,
+            "epoch_cpu_s": statistics.median(per_slot_cpu[name]) * slots,
+            "timed_steps": steps,
+            "ms_per_slot": [1e3 * s for s in per_slot[name]],
+        }
+    return out
 
 
 def _spread(count: int, wanted: int) -> list[int]:
@@ -163,128 +239,275 @@ def _spread(count: int, wanted: int) -> list[int]:
     return [round(i * (count - 1) / max(wanted - 1, 1)) for i in range(wanted)]
 
 
-def table(results: list[Result]) -> str:
-    lines = [
-        "| model | layout | steps/epoch | slots/step | fill | trained tok/step | wall s/step | CPU s/step "
-        "| trained tok/s (wall) | trained tok/CPU-s | epoch CPU s (projected) | speed-up |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    baseline = {r.model: r for r in results if r.layout == "padded"}
-    for r in results:
-        lines.append(
-            f"| {r.model} | {r.layout} | {r.steps_per_epoch} | {r.slots_per_step:.0f} | {r.fill:.0%} | "
-            f"{r.trained_tokens_per_step:.0f} | {r.seconds_per_step:.2f} | {r.cpu_seconds_per_step:.2f} | "
-            f"{r.trained_tokens_per_s:.0f} | {r.trained_tokens_per_cpu_s:.0f} | "
-            f"{r.epoch_cpu_seconds:.0f} | {baseline[r.model].epoch_cpu_seconds / r.epoch_cpu_seconds:.2f}x |"
+# ---------------------------------------------------------------------------------------- diagnosis
+def median_ms(function, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def diagnose(
+    model: torch.nn.Module, pad_token_id: int, padded: list[Row], packed: list[Row], repeats: int
+) -> dict:
+    """Mask construction vs forward, and the sdpa kernel with each kind of mask, for one micro-batch each."""
+    config = model.config
+    batcher = Batcher(pad_token_id=pad_token_id)
+    out: dict[str, Any] = {}
+    for name, rows in (("padded", padded), ("dataset packed", packed)):
+        batch = batcher(rows)
+        embeds = model.get_input_embeddings()(batch["input_ids"]).detach()
+        mask_inputs = (
+            {"attention_mask": batch["attention_mask"], "position_ids": None}
+            if "attention_mask" in batch
+            else {"attention_mask": None, "position_ids": batch["position_ids"]}
         )
+        mask = create_causal_mask(config, embeds, cache=None, **mask_inputs)
+        mask_ms = median_ms(
+            lambda e=embeds, m=mask_inputs: create_causal_mask(config, e, cache=None, **m), 20
+        )
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            forward_ms = median_ms(lambda i=inputs: model.model(**i, use_cache=False), repeats)
+        out[name] = {
+            "shape": list(batch["input_ids"].shape),
+            "mask": "None (sdpa is_causal)" if mask is None else f"bool {list(mask.shape)}",
+            "mask_ms": mask_ms,
+            "backbone_forward_ms": forward_ms,
+        }
+
+    # The sdpa kernel alone, forward + backward, on the packed micro-batch's shape.
+    rows = packed
+    width = max(len(r["input_ids"]) for r in rows)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = config.hidden_size // heads
+    generator = torch.Generator().manual_seed(0)
+
+    def qkv(batch: int, length: int) -> tuple[torch.Tensor, ...]:
+        shape = (batch, heads, length, head_dim)
+        kv_shape = (batch, kv_heads, length, head_dim)
+        return (
+            torch.randn(shape, generator=generator).requires_grad_(),
+            torch.randn(kv_shape, generator=generator).requires_grad_(),
+            torch.randn(kv_shape, generator=generator).requires_grad_(),
+        )
+
+    q, k, v = qkv(len(rows), width)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    block = torch.zeros(len(rows), 1, width, width, dtype=torch.bool)
+    for index, row in enumerate(rows):
+        start = 0
+        for length in sequence_lengths(row) + [width - len(row["input_ids"])]:
+            block[index, 0, start : start + length, start : start + length] = causal[:length, :length]
+            start += length
+
+    def sdpa(mask: torch.Tensor | None) -> None:
+        kwargs = {"is_causal": True} if mask is None else {"attn_mask": mask}
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs).sum().backward()
+
+    per_sequence = [qkv(1, n) for r in rows for n in sequence_lengths(r)]
+
+    def varlen() -> None:
+        for sq, sk, sv in per_sequence:
+            F.scaled_dot_product_attention(sq, sk, sv, is_causal=True, enable_gqa=True).sum().backward()
+
+    kernel = {
+        "is_causal (no mask)": median_ms(lambda: sdpa(None), repeats * 3),
+        "explicit causal mask": median_ms(lambda: sdpa(causal), repeats * 3),
+        "packed block-diagonal mask": median_ms(lambda: sdpa(block), repeats * 3),
+        "one call per sequence (varlen)": median_ms(varlen, repeats * 3),
+    }
+    out["sdpa_fwd_bwd_ms_per_layer"] = {"shape": [len(rows), heads, width, head_dim], **kernel}
+    out["layers"] = config.num_hidden_layers
+    return out
+
+
+# -------------------------------------------------------------------------------------------- output
+def rows_table(counts: dict[int, dict[str, dict]], stats: dict[int, dict]) -> str:
+    lines = [
+        "| max_length | layout | examples kept | steps | rows | tokens | slots | fill | mean width | attention pairs computed / needed |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for max_length, layouts in counts.items():
+        for name, c in layouts.items():
+            fill = f"{c['fill']:.1%}"
+            if name == "dataset packed":
+                fill += f" ({stats[max_length]['packing_fill']:.1%} of capacity)"
+            lines.append(
+                f"| {max_length} | {name} | {stats[max_length]['examples'] - stats[max_length]['untrained_examples']} "
+                f"| {c['steps']} | {c['rows']} | {c['tokens']:,} | {c['slots']:,} | {fill} "
+                f"| {c['mean_width']:.0f} | {c['attention_pairs_computed'] / c['attention_pairs_needed']:.2f} |"
+            )
     return "\n".join(lines)
 
 
-def update_docs(section: str) -> None:
-    """Replace this benchmark's own "## Packing" section of docs/performance.md, or append it."""
-    text = open(PERFORMANCE_MD).read() if os.path.exists(PERFORMANCE_MD) else "# Performance\n"
-    pattern = re.compile(r"^## Packing\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with open(PERFORMANCE_MD, "w") as file:
-        file.write(text)
+def model_flops(model: torch.nn.Module, counts: dict[str, float], trained_tokens: int) -> float:
+    """Training FLOPs of an epoch (forward + backward = 3 x forward): decoder matmuls per slot, the
+    lm_head per trained token only (the fused loss projects nothing else), attention per computed pair."""
+    config = model.config
+    embedding = config.vocab_size * config.hidden_size
+    body = sum(p.numel() for p in model.parameters()) - embedding * (1 if config.tie_word_embeddings else 2)
+    forward = 2 * body * counts["slots"] + 2 * embedding * trained_tokens
+    forward += 2 * 2 * config.hidden_size * config.num_hidden_layers * counts["attention_pairs_computed"] / 2
+    return 3 * forward
+
+
+def time_table(timing: list[dict]) -> str:
+    lines = [
+        "| model | max_length | layout | epoch s (median) | epoch CPU s | tokens/s | trained tokens/s "
+        "| vs padded (CPU s) | FLOPs vs padded |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for entry in timing:
+        base = entry["layouts"]["padded"]["epoch_cpu_s"]
+        base_flops = entry["layouts"]["padded"]["flops"]
+        for name, t in entry["layouts"].items():
+            lines.append(
+                f"| {entry['model']} | {entry['max_length']} | {name} | {t['epoch_s']:.1f} | {t['epoch_cpu_s']:.1f} "
+                f"| {entry['tokens'] / t['epoch_s']:.0f} | {entry['trained_tokens'] / t['epoch_s']:.0f} "
+                f"| {base / t['epoch_cpu_s']:.2f}x | {t['flops'] / base_flops:.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def diagnosis_table(diagnosis: dict) -> str:
+    lines = [
+        "| batch | shape | mask | mask construction ms | backbone forward ms | mask share |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for name in ("padded", "dataset packed"):
+        d = diagnosis[name]
+        lines.append(
+            f"| {name} | {d['shape']} | {d['mask']} | {d['mask_ms']:.2f} | {d['backbone_forward_ms']:.0f} "
+            f"| {d['mask_ms'] / d['backbone_forward_ms']:.2%} |"
+        )
+    kernel = dict(diagnosis["sdpa_fwd_bwd_ms_per_layer"])
+    shape = kernel.pop("shape")
+    lines += [
+        "",
+        f"| sdpa forward + backward, one layer, q {shape} | ms | x {diagnosis['layers']} layers |",
+        "|---|---:|---:|",
+    ]
+    lines += [
+        f"| {name} | {ms:.1f} | {ms * diagnosis['layers'] / 1e3:.2f} s |" for name, ms in kernel.items()
+    ]
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--max-length", type=int, default=384, help="row capacity (longest example: 351)")
-    parser.add_argument("--padded-batch", type=int, default=8, help="examples per padded micro-batch (tiny)")
-    parser.add_argument("--packed-rows", type=int, default=4, help="rows per packed micro-batch (tiny)")
-    parser.add_argument("--tiny-steps", type=int, default=8, help="timed steps per layout for the tiny model")
-    parser.add_argument("--smollm-padded-batch", type=int, default=4)
-    parser.add_argument("--smollm-packed-rows", type=int, default=2)
-    parser.add_argument("--smollm-steps", type=int, default=4, help="timed steps per layout for SmolLM2")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads (1: on a shared machine, idle OpenMP threads spin and inflate CPU time)",
+    )
+    parser.add_argument("--lengths", type=int, nargs="+", default=[384, 128])
+    parser.add_argument("--tiny-rounds", type=int, default=3, help="whole epochs per layout (tiny model)")
+    parser.add_argument("--smollm-steps", type=int, default=3, help="timed steps per layout (SmolLM2)")
     parser.add_argument("--skip-smollm", action="store_true")
-    parser.add_argument("--update-docs", action="store_true")
     options = parser.parse_args()
+    torch.set_num_threads(options.threads)
     torch.manual_seed(0)
+    datasets.disable_progress_bars()
+    load_before = loadavg()
+    print(
+        f"load average {load_before} ({os.cpu_count()} cores), torch {torch.__version__}, {options.threads} threads"
+    )
 
     directory, gguf_file = smollm2_source()
     tokenizer = load_tokenizer(directory, gguf_file=gguf_file)
-    encoded, encode_stats = load_rows(tokenizer, options.max_length)
-    collator = PromptMaskingCollator(tokenizer, max_length=options.max_length)
-    pad_token_id = collator._pad_token_id
-    packing = pack_examples(encoded, options.max_length)
-    print(
-        f"{len(encoded)} rows, {sum(len(e['input_ids']) for e in encoded)} tokens, truncated "
-        f"{encode_stats['truncated_tokens']}; packed into {packing.stats.rows} rows of {options.max_length} "
-        f"(fill {packing.stats.fill:.1%})"
-    )
+    pad_token_id = resolve_pad_token_id(tokenizer)
+    raw = chat_rows()
+    layouts, stats, counts = {}, {}, {}
+    for max_length in options.lengths:
+        layouts[max_length], prepared = layouts_for(tokenizer, raw, max_length)
+        stats[max_length] = prepared["packed"].as_dict() | {"packing_fill": prepared["packed"].packing_fill}
+        counts[max_length] = {name: layout_counts(batches) for name, batches in layouts[max_length].items()}
+    print(rows_table(counts, stats), flush=True)
 
-    results = []
-    tiny = build_tiny_llama(
-        len(tokenizer), hidden_size=64, intermediate_size=128, max_position_embeddings=1024
-    )
-    tiny.config._attn_implementation = "sdpa"
-    tiny.train()
-    check_packing_support(tiny, use_cache=False)
-    tiny_name = "tiny Llama (h=64, 2 layers)"
-    tiny_padded = padded_batches(encoded, options.padded_batch, collator)
-    tiny_packed = packed_batches(encoded, options.max_length, options.packed_rows, pad_token_id)
-    layouts = {"padded": tiny_padded, "packed": tiny_packed}
-    results += measure_side_by_side(tiny_name, tiny, layouts, options.tiny_steps)
-    print(table(results), flush=True)
+    def tokens(max_length: int) -> tuple[int, int]:
+        rows = [r for b in layouts[max_length]["padded"] for r in b]
+        trained = sum(int(count_trained_tokens(torch.tensor(r["labels"]))) for r in rows)
+        return sum(len(r["input_ids"]) for r in rows), trained
 
-    smollm_shape = ""
+    timing = []
+    ids = {f"{n}_token_id": getattr(tokenizer, f"{n}_token_id") for n in ("bos", "eos", "pad")}
+    tiny = build_tiny_llama(len(tokenizer), attn_implementation="sdpa", **ids)
+    tiny_stepper = Stepper(tiny, pad_token_id)
+    for max_length in options.lengths:
+        total, trained = tokens(max_length)
+        chosen = dict(layouts[max_length])
+        result = time_whole_epochs(tiny_stepper, chosen, options.tiny_rounds)
+        add_flops(result, tiny, counts[max_length], trained)
+        timing.append(
+            {
+                "model": "tiny Llama (h=64, 2 layers)",
+                "max_length": max_length,
+                "tokens": total,
+                "trained_tokens": trained,
+                "method": f"whole epochs, median of {options.tiny_rounds}",
+                "layouts": result,
+            }
+        )
+        print(
+            f"tiny, max_length {max_length}: " + ", ".join(f"{n} {t['runs_s']}" for n, t in result.items()),
+            flush=True,
+        )
+
+    diagnosis = None
     if not options.skip_smollm:
         start = time.perf_counter()
         smollm = load_model(directory, gguf_file=gguf_file)
         smollm.config._attn_implementation = "sdpa"
-        smollm.train()
-        check_packing_support(smollm, use_cache=False)
-        print(f"SmolLM2-135M loaded in {time.perf_counter() - start:.0f} s", flush=True)
-        name = "SmolLM2-135M"
-        padded = padded_batches(encoded, options.smollm_padded_batch, collator)
-        packed = packed_batches(encoded, options.max_length, options.smollm_packed_rows, pad_token_id)
-        layouts = {"padded": padded, "packed": packed}
-        results += measure_side_by_side(name, smollm, layouts, options.smollm_steps)
-        smollm_shape = (
-            f" SmolLM2-135M (dequantized GGUF, float32): padded batches of {options.smollm_padded_batch} examples "
-            f"vs {options.smollm_packed_rows} packed rows, {options.smollm_steps} timed steps each spread over the epoch."
+        print(
+            f"SmolLM2-135M loaded in {time.perf_counter() - start:.0f} s (load average {loadavg()})",
+            flush=True,
         )
+        smollm_stepper = Stepper(smollm, pad_token_id)
+        max_length = options.lengths[0]
+        total, trained = tokens(max_length)
+        chosen = {n: layouts[max_length][n] for n in ("padded", "padded, grouped", "dataset packed")}
+        result = time_sampled_steps(smollm_stepper, chosen, options.smollm_steps)
+        add_flops(result, smollm, counts[max_length], trained)
+        timing.append(
+            {
+                "model": "SmolLM2-135M (full, float32)",
+                "max_length": max_length,
+                "tokens": total,
+                "trained_tokens": trained,
+                "method": f"{options.smollm_steps} steps per layout spread over the epoch, median s/slot x slots",
+                "layouts": result,
+            }
+        )
+        padded, packed = layouts[max_length]["padded"], layouts[max_length]["dataset packed"]
+        widest = max(range(len(padded)), key=lambda i: max(len(r["input_ids"]) for r in padded[i]))
+        diagnosis = diagnose(smollm, pad_token_id, padded[widest], packed[0], repeats=3)
+        print(diagnosis_table(diagnosis), flush=True)
 
-    markdown = table(results)
-    slot_totals = {(r.model, r.layout): r.slots_per_step * r.steps_per_epoch for r in results}
-    slots_line = "Tensor slots per epoch (padding included): " + "; ".join(
-        f"{model}: padded {slot_totals[(model, 'padded')]:.0f}, packed {slot_totals[(model, 'packed')]:.0f} "
-        f"({slot_totals[(model, 'padded')] / slot_totals[(model, 'packed')]:.2f}x fewer)"
-        for model in dict.fromkeys(r.model for r in results)
-    )
-    print(slots_line)
-    print(markdown)
-    section = (
-        "## Packing\n\n"
-        "Written by `python benchmarks/bench_packing.py --update-docs` "
-        f"(torch {torch.__version__}, {torch.get_num_threads()} CPU threads, sdpa). Data: the "
-        f"{len(encoded)} bundled HumanEval rows (`recipes/data/humaneval_sft.jsonl`, SmolLM2 tokenizer, "
-        f"{sum(len(e['input_ids']) for e in encoded)} tokens); packed best-fit decreasing into "
-        f"{packing.stats.rows} rows of {options.max_length} ({packing.stats.fill:.1%} full). One step = forward + "
-        "backward of the token-mean loss. Tiny model: padded batches of "
-        f"{options.padded_batch} examples vs {options.packed_rows} packed rows, {options.tiny_steps} timed steps "
-        f"each spread over the epoch.{smollm_shape} Both layouts train exactly the same tokens per epoch, so "
-        "the speed-up is the ratio of epoch times, projected as the median measured CPU seconds per tensor "
-        "slot (mask overhead included) x the epoch's exact slot count (only a few steps are timed, batch "
-        "shapes differ, and padded and packed steps alternate so that other load on the machine hits both "
-        "alike). *slots* = `input_ids.numel()` (padding included); *fill* = real tokens / slots.\n\n"
-        f"{markdown}\n\n"
-        f"{slots_line}\n\n"
-        "What packing removes is padding: the slots above, deterministic. Both layouts run the same sdpa "
-        "kernel with an explicit mask (padding needs one too), and matmul time follows the slot count; "
-        "wall and CPU timings on a shared machine are noisy, so rerun on your hardware. Setup and "
-        "caveats: [packing.md](packing.md).\n"
-    )
-    if options.update_docs:
-        update_docs(section)
-        print(f"updated {PERFORMANCE_MD}")
+    print(time_table(timing))
+    results = {
+        "machine": {
+            "platform": platform.platform(),
+            "cores": os.cpu_count(),
+            "threads": options.threads,
+            "torch": torch.__version__,
+            "loadavg_before": load_before,
+            "loadavg_after": loadavg(),
+        },
+        "micro_batch": BATCH,
+        "rows": counts,
+        "packing_stats": stats,
+        "timing": timing,
+        "diagnosis": diagnosis,
+    }
+    with open(RESULTS, "w") as file:
+        json.dump(results, file, indent=1)
+    print(f"load average after: {results['machine']['loadavg_after']}; wrote {RESULTS}")
 
 
 if __name__ == "__main__":
