@@ -106,6 +106,7 @@ class ShiftLossTrainer(Trainer):
         if peft_config is not None:
             model = _apply_peft(model, peft_config)
         self.data_stats: dict[str, DataStats | None] = {}
+        self._data_formats: dict[str, str] = {}
         if data_collator is None and (train_dataset is not None or eval_dataset is not None):
             if processing_class is None:
                 raise ValueError(
@@ -145,6 +146,12 @@ class ShiftLossTrainer(Trainer):
         self._loss_metrics = _LossMetrics()
         self._eval_sums: list[torch.Tensor] | None = None
         self._loss_paths: dict[int, EagerLoss | FusedLoss] = {}
+        if self.compute_metrics is not None and self.args.prediction_loss_only:
+            logger.warning(
+                "compute_metrics will not be called: prediction_loss_only=True (ShiftLossArguments' default, so "
+                "that evaluation does not gather [batch, seq, vocab] logits); pass prediction_loss_only=False "
+                "to call it (evaluation then uses the eager loss, whose logits it needs)"
+            )
 
     # ------------------------------------------------------------------ setup
     def _prepare(
@@ -164,15 +171,50 @@ class ShiftLossTrainer(Trainer):
                 vocab_size=vocab_size,
             )
         self.data_stats[name] = prepared.stats
-        if args.process_index == 0:
-            summary = prepared.stats.summary() if prepared.stats else "streamed: counted as rows are read"
-            print(f"[hf_shift_loss] {name} set ({prepared.format}): {summary}")
+        self._data_formats[name] = prepared.format
         return prepared.dataset
+
+    def run_summary(self) -> str:
+        """What this run will do, in a few lines: the loss path and why, what is trained, packing,
+        normalization, and each prepared dataset's counts. Printed once when training starts."""
+        args = self.args
+        path = self.loss_path(self.model)
+        if path.name == "fused":
+            loss = "fused lm_head + cross-entropy in chunks of trained tokens (no [batch, seq, vocab] logits)"
+        else:
+            loss = f"eager: full logits, then causal_lm_loss ({path.reason})"
+        trained = {
+            "completion": f"the completion / every {'+'.join(args.train_roles)} turn",
+            "last_turn": f"the last {'+'.join(args.train_roles)} turn only",
+            "all": "every token",
+        }[args.train_on]
+        ranks = args.world_size if args.average_tokens_across_devices else 1
+        if self.data_stats:
+            data = [
+                f"trained: {trained}; end-of-turn tokens: {args.train_end_of_turn}; max_length {args.max_length}",
+                f"packing: {f'on, rows of {args.max_length} tokens' if args.packing else 'off (padded batches)'}",
+            ]
+        else:
+            data = [
+                "trained, packing: as the given data_collator makes the batches (datasets not prepared here)"
+            ]
+        lines = [
+            f"loss: {loss}",
+            *data,
+            f"normalization: sum of CE over the trained tokens of each optimizer step "
+            f"({args.gradient_accumulation_steps} micro-batch(es) x {ranks} rank(s)) / their number",
+        ]
+        for name, stats in self.data_stats.items():
+            counts = stats.summary() if stats is not None else "streamed: counted as rows are read"
+            lines.append(f"{name} set ({self._data_formats[name]}): {counts}")
+        return "\n".join(["[hf_shift_loss] run summary", *("  " + line for line in lines)])
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
         """Stock ``Trainer.train``; saves the data summary with the run (``data_summary.json``) and, when
         resuming, restores the loss metrics saved with the checkpoint, so the resumed run logs exactly
         what the uninterrupted run logs (``total_trained_tokens``, the per-step window, accuracy)."""
+        if self.is_world_process_zero():
+            print(self.run_summary())
         if self.is_world_process_zero() and self.data_stats:
             os.makedirs(self.args.output_dir, exist_ok=True)
             summary = {name: stats.as_dict() if stats else None for name, stats in self.data_stats.items()}
@@ -271,7 +313,10 @@ class ShiftLossTrainer(Trainer):
                 self.accelerator.unwrap_model(model), model_inputs["position_ids"], use_cache=False
             )
         training = model.training
-        loss, correct, outputs = self.loss_path(model)(
+        path = self.loss_path(model)
+        if not training and not self.args.prediction_loss_only:  # compute_metrics needs the logits
+            path = EagerLoss(label_smoothing=self.args.label_smoothing_factor, z_loss=self.args.z_loss)
+        loss, correct, outputs = path(
             model,
             model_inputs,
             targets,

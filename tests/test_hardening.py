@@ -73,3 +73,48 @@ def test_an_input_id_beyond_the_embedding_is_reported_once_at_preparation(tmp_pa
     )
     with pytest.raises(ValueError, match="row 1, position 2: input id 70"):
         list(streamed.dataset)
+
+
+def test_compute_metrics_is_called_or_its_absence_explained(tmp_path, caplog):
+    rows = [{"prompt": "where is the capital of China", "completion": "Beijing"}] * 3
+    calls = []
+
+    def compute_metrics(prediction):
+        calls.append(prediction.predictions.shape)
+        return {"seen": 1.0}
+
+    common = dict(model=tiny_llama(), eval_dataset=Dataset.from_list(rows), processing_class=word_tokenizer())
+    with caplog.at_level("WARNING"):
+        quiet = ShiftLossTrainer(args=_args(tmp_path / "a"), compute_metrics=compute_metrics, **common)
+    assert "compute_metrics will not be called: prediction_loss_only=True" in caplog.text
+    assert "eval_seen" not in quiet.evaluate()
+    loud = ShiftLossTrainer(
+        args=_args(tmp_path / "b", prediction_loss_only=False, loss_impl="fused"),
+        compute_metrics=compute_metrics,
+        **common,
+    )
+    metrics = loud.evaluate()
+    assert metrics["eval_seen"] == 1.0 and calls and calls[0][-1] == 64  # logits [rows, seq, vocab]
+    assert metrics["eval_loss"] == pytest.approx(quiet.evaluate()["eval_loss"], rel=1e-5)
+
+
+def test_the_run_explains_itself_in_one_block(tmp_path, capsys):
+    rows = [{"prompt": "where is the capital of China", "completion": "Beijing"}] * 4
+    trainer = ShiftLossTrainer(
+        model=tiny_llama(),
+        args=_args(tmp_path, loss_impl="auto", packing=True, max_length=32, gradient_accumulation_steps=2),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=word_tokenizer(),
+    )
+    trainer.train()
+    printed = capsys.readouterr().out
+    block = printed[printed.index("[hf_shift_loss] run summary") :].splitlines()[:6]
+    assert block[1].startswith("  loss: fused lm_head + cross-entropy")
+    assert block[2].startswith("  trained: the completion / every assistant turn; end-of-turn tokens: turn")
+    assert block[3] == "  packing: on, rows of 32 tokens"
+    assert "(2 micro-batch(es) x 1 rank(s))" in block[4]
+    assert (
+        block[5].startswith("  train set (prompt_completion): 4 of 4 examples kept")
+        and "packed into 2 rows, 56.2% full" in block[5]
+    )
+    assert printed.count("[hf_shift_loss] run summary") == 1
