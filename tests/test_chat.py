@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import random
+
+import datasets
 import pytest
 from chat_tokenizers import (
+    LLAMA3_TEMPLATE,
     llama3_style_tokenizer,
     mistral_slow_tokenizer,
     mistral_tokenizer,
+    qwen25_tools_tokenizer,
     smollm2_tokenizer,
 )
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
+from hf_shift_loss.data import chat
 from hf_shift_loss.data.chat import IGNORE_INDEX, encode_messages
+from hf_shift_loss.data.encode import Encoder
+from hf_shift_loss.data.prepare import prepare_dataset
 
 # Unicode, leading/trailing spaces and newlines, assistant text repeating user text, and contents equal
 # to words of the template's own headers ("user", "assistant").
@@ -139,7 +147,7 @@ def test_template_that_rewrites_content_is_a_clear_error():
     tokenizer = llama3_style_tokenizer()
     template = tokenizer.chat_template.replace("message['content']", "message['content'] | upper")
     messages = [{"role": "user", "content": "QUESTION"}, {"role": "assistant", "content": "answer"}]
-    with pytest.raises(ValueError, match=r"example 4, message 1 \(role 'assistant'\).*rewrites or drops"):
+    with pytest.raises(ValueError, match=r"row 4, message 1 \(role 'assistant'\).*rewrites or drops"):
         encode_messages(
             tokenizer, messages, chat_template_kwargs={"chat_template": template}, example_index=4
         )
@@ -191,32 +199,44 @@ def test_max_length_truncates_the_last_exchange_from_the_right_when_still_too_lo
 @pytest.mark.parametrize(
     ("messages", "match"),
     [
-        ("hello", r"example 7: 'messages' must be a non-empty list"),
-        ([], r"example 7: 'messages' must be a non-empty list"),
-        ([{"role": "user", "content": "q"}, "answer"], r"example 7, message 1: expected a dict"),
+        ("hello", r"row 7: 'messages' must be a non-empty list"),
+        ([], r"row 7: 'messages' must be a non-empty list"),
+        ([{"role": "user", "content": "q"}, "answer"], r"row 7, message 1: expected a dict"),
         (
             [{"role": "user", "content": "q"}, {"role": "assistant"}],
-            r"example 7, message 1: missing key 'content'",
+            r"row 7, message 1: missing key 'content'",
         ),
         (
             [{"content": "q"}, {"role": "assistant", "content": "a"}],
-            r"example 7, message 0: missing key 'role'",
+            r"row 7, message 0: missing key 'role'",
         ),
         (
             [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}],
-            r"example 7, message 1.*must be a str",
+            r"row 7, message 1.*must be a str",
         ),
         (
-            [{"role": "human", "content": "q"}, {"role": "assistant", "content": "a"}],
-            r"example 7, message 0: unknown role 'human'",
+            [{"role": 3, "content": "q"}, {"role": "assistant", "content": "a"}],
+            r"row 7, message 0: 'role' must be a non-empty str",
         ),
         (
-            [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
-            r"example 7: no message has a trained role",
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": ["a"]}],
+            r"row 7, message 1 \(role 'assistant'\): content must be a str, got list",
+        ),
+        (
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": 5, "tool_calls": [{}]}],
+            r"row 7, message 1 \(role 'assistant'\): content must be a str or None next to 'tool_calls'",
+        ),
+        (
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": "f()"}],
+            r"row 7, message 1 \(role 'assistant'\): 'tool_calls' must be a list",
+        ),
+        (  # empty tool_calls: a plain message again, which needs its content
+            [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": []}],
+            r"row 7, message 1: missing key 'content'",
         ),
     ],
 )
-def test_malformed_conversations_name_example_and_message(messages, match):
+def test_malformed_conversations_name_row_and_message(messages, match):
     with pytest.raises(ValueError, match=match):
         encode_messages(smollm2_tokenizer(), messages, example_index=7)
 
@@ -315,3 +335,374 @@ def test_system_and_tool_turns_stay_masked_and_custom_roles_can_be_trained():
     messages[2] = {"role": "planner", "content": "look it up"}  # a role of the user's own, trained
     encoded = encode_messages(tokenizer, messages, train_roles=("assistant", "planner"))
     assert [tokenizer.decode(run) for run in trained_runs(encoded)][0] == "look it up<|eot_id|>"
+
+
+# ------------------------------------------------------- untrainable conversations follow on_untrained
+def test_conversation_without_a_trainable_message_is_encoded_fully_masked():
+    tokenizer = smollm2_tokenizer()
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "only a question"}]
+    encoded = encode_messages(tokenizer, messages, example_index=7, max_length=8)
+    assert encoded["input_ids"] == chat_ids(tokenizer, messages)[:8]
+    assert set(encoded["labels"]) == {IGNORE_INDEX} and encoded["truncated_completion"] == 0
+    # A conversational prompt with an empty completion: nothing after the context is trainable.
+    prompt = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert set(encode_messages(tokenizer, prompt, context_messages=2)["labels"]) == {IGNORE_INDEX}
+
+
+def test_untrainable_conversations_are_dropped_and_counted_or_refused_by_row():
+    rows = [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "no answer"}]},
+        {"messages": [{"role": "developer", "content": "d"}, {"role": "user", "content": "no answer"}]},
+    ]
+    encoder = Encoder(smollm2_tokenizer())
+    assert encoder(rows[1], 1)["trained_tokens"] == 0
+    prepared = prepare_dataset(datasets.Dataset.from_list(rows), encoder, on_untrained="drop")
+    assert len(prepared.dataset) == 1 and prepared.stats.untrained_examples == 2
+    with pytest.raises(ValueError, match=r"train set, row 1: no trained token"):
+        prepare_dataset(datasets.Dataset.from_list(rows), encoder, on_untrained="raise")
+
+
+def test_template_errors_become_value_errors_naming_the_row():
+    tokenizer = mistral_tokenizer()  # its template raises on roles other than user and assistant
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
+    with pytest.raises(ValueError, match=r"row 5: the chat template cannot render this conversation"):
+        Encoder(tokenizer)({"messages": messages}, 5)
+
+
+# ---------------------------------------------------------------------------------- tool calls
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def call(city: str, **extra: str) -> dict:
+    return {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city, **extra}}}
+
+
+TOOL_CONVERSATION = [
+    {"role": "system", "content": "You call tools."},
+    {"role": "developer", "content": "Answer in French."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "tool_calls": [call("Paris")]},  # content absent
+    {"role": "tool", "content": '{"celsius": 21}'},
+    {"role": "assistant", "content": "Lyon and Nice too.", "tool_calls": [call("Lyon"), call("Nice")]},
+    {"role": "tool", "content": '{"celsius": 19}'},
+    {"role": "tool", "content": '{"celsius": 25}'},
+    {"role": "assistant", "content": "21 °C à Paris."},
+    {"role": "user", "content": "And tomorrow?"},
+    {"role": "assistant", "content": None, "tool_calls": [call("Paris", day="tomorrow")]},
+]
+TOOL_CALL_RUNS = [
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+    'Lyon and Nice too.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lyon"}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Nice"}}\n</tool_call><|im_end|>',
+    "21 °C à Paris.<|im_end|>",
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "day": "tomorrow"}}\n</tool_call>'
+    "<|im_end|>",
+]
+
+
+@pytest.mark.parametrize("tools", [[WEATHER_TOOL], None], ids=["tools-schema", "no-tools"])
+def test_tool_calls_are_trained_as_rendered_tool_results_schemas_and_developer_are_not(tools):
+    tokenizer = qwen25_tools_tokenizer()
+    kwargs = {"tools": tools} if tools else {}
+    encoded = encode_messages(tokenizer, TOOL_CONVERSATION, chat_template_kwargs=kwargs)
+    ids = list(tokenizer.apply_chat_template(TOOL_CONVERSATION, tokenize=True, **kwargs)["input_ids"])
+    assert encoded["input_ids"] == ids
+    text = tokenizer.decode(ids)
+    assert ('"description": "The weather in a city"' in text) == bool(tools)  # the schema is rendered
+    assert "<|im_start|>developer\nAnswer in French.<|im_end|>" in text
+    assert [tokenizer.decode(run) for run in trained_runs(encoded)] == TOOL_CALL_RUNS
+
+
+def test_tool_calls_with_trained_tool_role_and_last_turn_only():
+    tokenizer = qwen25_tools_tokenizer()
+    encoded = encode_messages(tokenizer, TOOL_CONVERSATION, last_turn_only=True)
+    assert [tokenizer.decode(run) for run in trained_runs(encoded)] == TOOL_CALL_RUNS[-1:]
+    encoded = encode_messages(tokenizer, TOOL_CONVERSATION[:5], train_roles=("assistant", "tool"))
+    # The tool result's content is trained; its end of turn is the first marker after it (the template's
+    # own </tool_response>), and the tool turn's closing <|im_end|> is not part of the content.
+    assert [tokenizer.decode(run) for run in trained_runs(encoded)] == [
+        TOOL_CALL_RUNS[0],
+        '{"celsius": 21}\n</tool_response>',
+    ]
+
+
+def test_tool_calls_survive_truncation_and_the_kept_part_matches_the_reference():
+    tokenizer = qwen25_tools_tokenizer()
+    kwargs = {"tools": [WEATHER_TOOL]}
+    last_exchange = TOOL_CONVERSATION[:1] + TOOL_CONVERSATION[9:]
+    kept = encode_messages(tokenizer, last_exchange, chat_template_kwargs=kwargs)
+    encoded = encode_messages(
+        tokenizer, TOOL_CONVERSATION, chat_template_kwargs=kwargs, max_length=len(kept["input_ids"])
+    )
+    assert encoded["dropped_turns"] == 8 and encoded["truncated_tokens"] == 0
+    assert encoded["input_ids"] == kept["input_ids"] and encoded["labels"] == kept["labels"]
+    for max_length in range(8, 400, 37):
+        options = {"chat_template_kwargs": kwargs, "max_length": max_length}
+        assert encode_messages(tokenizer, TOOL_CONVERSATION, **options) == reference_encode_messages(
+            tokenizer, TOOL_CONVERSATION, **options
+        )
+
+
+def test_a_template_without_tool_support_is_a_clear_error():
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [call("Paris")]}]
+    with pytest.raises(ValueError, match=r"row 2: the chat template cannot render this conversation"):
+        encode_messages(smollm2_tokenizer(), messages, example_index=2)
+
+
+def test_tool_call_as_last_message_and_a_template_with_its_own_tool_call_header():
+    # Mistral-style: the call has its own header ([TOOL_CALLS]) instead of the plain answer's " ": it
+    # is kept in the trained span; only the scaffolding shared with plain answers is left out.
+    tokenizer = llama3_style_tokenizer()
+    template = LLAMA3_TEMPLATE.replace(
+        "message['content'] + '<|eot_id|>'",
+        "(('[TOOL_CALLS]' + message['tool_calls'] | map(attribute='function') | list | tojson) "
+        "if message['tool_calls'] is defined else message['content']) + '<|eot_id|>'",
+    )
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "tool_calls": [call("Paris")]},
+        {"role": "tool", "content": "21"},
+        {"role": "assistant", "tool_calls": [call("Nice")]},
+    ]
+    encoded = encode_messages(tokenizer, messages, chat_template_kwargs={"chat_template": template})
+    assert [tokenizer.decode(run) for run in trained_runs(encoded)] == [
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]<|eot_id|>',
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Nice"}}]<|eot_id|>',
+    ]
+
+
+# ------------------------------------------- linear-time truncation = the old one-exchange-at-a-time loop
+def reference_encode_messages(
+    tokenizer,
+    messages,
+    *,
+    train_roles=("assistant",),
+    train_end_of_turn="turn",
+    last_turn_only=False,
+    max_length=None,
+    chat_template_kwargs=None,
+    example_index=None,
+    context_messages=0,
+):
+    """The previous algorithm, kept as the reference: drop the oldest exchange, re-render, re-tokenize,
+    until it fits (quadratic in the conversation's length)."""
+    roles = (train_roles,) if isinstance(train_roles, str) else tuple(train_roles)
+    messages = chat.validate_messages(messages, example_index)
+    options = dict(
+        train_roles=roles,
+        train_end_of_turn=train_end_of_turn,
+        last_turn_only=last_turn_only,
+        chat_template_kwargs=dict(chat_template_kwargs or {}),
+        example_index=example_index,
+    )
+    input_ids, labels = chat._encode_once(tokenizer, messages, first_trainable=context_messages, **options)
+    dropped_turns = 0
+    if max_length is not None and len(input_ids) > max_length:
+        n_system, starts = chat._exchanges(messages)
+        for cut in starts[1:]:
+            first_trainable = (
+                context_messages
+                if context_messages <= n_system
+                else max(n_system + context_messages - cut, n_system)
+            )
+            kept = list(messages[:n_system]) + list(messages[cut:])
+            if not any(m["role"] in roles for m in kept[first_trainable:]):
+                break
+            input_ids, labels = chat._encode_once(tokenizer, kept, first_trainable=first_trainable, **options)
+            dropped_turns = cut - n_system
+            if len(input_ids) <= max_length:
+                break
+    truncated_tokens = truncated_completion = 0
+    if max_length is not None and len(input_ids) > max_length:
+        truncated_tokens = len(input_ids) - max_length
+        truncated_completion = int(any(label != IGNORE_INDEX for label in labels[max_length:]))
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "truncated_tokens": truncated_tokens,
+        "truncated_completion": truncated_completion,
+        "dropped_turns": dropped_turns,
+    }
+
+
+# Templates whose output depends on the position in the conversation, so that the length after a cut
+# is not the full length minus the dropped tokens: turn numbers in the headers (fewer digits once early
+# turns are dropped), and a Llama-2 style system prompt merged into the first user turn.
+NUMBERED_TEMPLATE = LLAMA3_TEMPLATE.replace(
+    "message['role'] + '<|end_header_id|>",
+    "message['role'] + ' ' + (loop.index * 7) | string + '<|end_header_id|>",
+)
+MERGED_SYSTEM_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(system='') %}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set ns.system = ns.system + message['content'] %}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% if ns.system %}{{ '<<SYS>>\\n' + ns.system + '\\n<</SYS>>\\n\\n' }}{% set ns.system = '' %}{% endif %}"
+    "{{ message['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+WORDS = ["alpha", "beta", "你好", "😀", "x" * 9, "the", "quick", "brown", "fox", "\n", "  ", "42", "é"]
+
+
+def random_conversation(rng: random.Random, *, user_assistant_only: bool = False) -> list[dict[str, str]]:
+    def text() -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.choice([0, 1, 3, 8, 20])))
+
+    messages = [{"role": "system", "content": text()} for _ in range(rng.choice([0, 0, 1, 2]))]
+    if not user_assistant_only and rng.random() < 0.2:
+        messages.append({"role": "assistant", "content": text()})  # an answer before any question
+    for _ in range(rng.randint(1, 6)):
+        messages.append({"role": "user", "content": text()})
+        for _ in range(1 if user_assistant_only else rng.choice([0, 1, 1, 2])):
+            role = "assistant" if user_assistant_only else rng.choice(["assistant", "assistant", "tool"])
+            messages.append({"role": role, "content": text()})
+    return messages
+
+
+@pytest.mark.parametrize(
+    ("make_tokenizer", "template", "user_assistant_only"),
+    [
+        (smollm2_tokenizer, None, False),
+        (llama3_style_tokenizer, None, False),
+        (llama3_style_tokenizer, NUMBERED_TEMPLATE, False),
+        (mistral_tokenizer, MERGED_SYSTEM_TEMPLATE, True),
+        (mistral_slow_tokenizer, MERGED_SYSTEM_TEMPLATE, True),
+    ],
+    ids=["chatml", "llama3", "numbered-headers", "merged-system", "merged-system-slow"],
+)
+def test_truncation_keeps_the_same_turns_and_masks_as_the_one_exchange_at_a_time_reference(
+    make_tokenizer, template, user_assistant_only
+):
+    tokenizer = make_tokenizer()
+    rng = random.Random(hash(make_tokenizer.__name__ + str(template)) % 1000)
+    compared = dropped = 0
+    for _ in range(12 if tokenizer.is_fast else 4):
+        messages = random_conversation(rng, user_assistant_only=user_assistant_only)
+        options = {"chat_template_kwargs": {"chat_template": template} if template else {}}
+        options |= rng.choice(
+            [
+                {},
+                {"last_turn_only": True},
+                {"train_roles": ("assistant", "user")},
+                {"train_roles": ("system", "assistant")},
+                {"context_messages": rng.randint(0, len(messages))},
+                {"train_end_of_turn": "all"},
+            ]
+        )
+        full_length = len(encode_messages(tokenizer, messages, **options)["input_ids"])
+        for max_length in sorted({1, 2, 7, full_length // 3, full_length // 2, full_length - 1, full_length}):
+            if max_length < 1:
+                continue
+            encoded = encode_messages(tokenizer, messages, max_length=max_length, **options)
+            assert encoded == reference_encode_messages(
+                tokenizer, messages, max_length=max_length, **options
+            ), (
+                messages,
+                options,
+                max_length,
+            )
+            compared += 1
+            dropped += encoded["dropped_turns"] > 0
+    assert dropped > compared // 4  # the cases exercise the dropping, not only the right cut
+
+
+def test_truncation_renders_a_constant_number_of_times_whatever_the_length(monkeypatch):
+    tokenizer = smollm2_tokenizer()
+    messages = [{"role": "system", "content": "S"}]
+    for i in range(60):
+        messages += [
+            {"role": "user", "content": f"question {i}"},
+            {"role": "assistant", "content": f"answer {i}"},
+        ]
+    calls = []
+    original = chat._encode
+    monkeypatch.setattr(chat, "_encode", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    encoded = encode_messages(tokenizer, messages, max_length=64)
+    # The whole conversation once, the chosen cut, and the cut before it (which must not fit).
+    assert len(calls) == 3 and encoded["dropped_turns"] > 100
+    assert encoded == reference_encode_messages(tokenizer, messages, max_length=64)
+
+
+# ------------------------------------------------------------------ fuzz: the encoder's whole contract
+FUZZ_TEXT = st.one_of(
+    CHAT_TEXT,
+    st.just(""),
+    st.builds(lambda text, times: text * times, CHAT_TEXT, st.integers(2, 60)),  # long texts
+)
+FUZZ_ROW = 3
+
+
+@st.composite
+def fuzz_conversations(draw) -> list:
+    messages = []
+    for _ in range(draw(st.integers(1, 10))):
+        role = draw(st.sampled_from(["system", "user", "assistant", "tool"]))
+        if draw(st.integers(0, 29)) == 0:  # now and then a malformed message
+            messages.append(
+                draw(st.sampled_from([{"role": role, "content": None}, {"role": role}, "text", {}]))
+            )
+        else:
+            messages.append({"role": role, "content": draw(FUZZ_TEXT)})
+    return messages
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(messages=fuzz_conversations(), max_length=st.one_of(st.none(), st.integers(2, 300)))
+def test_fuzz_encoder_returns_aligned_assistant_only_labels_or_a_value_error_naming_the_row(
+    messages, max_length
+):
+    tokenizer = smollm2_tokenizer()
+    encoder = Encoder(tokenizer, max_length=max_length)
+    malformed = any(not isinstance(m, dict) or not isinstance(m.get("content"), str) for m in messages)
+    try:
+        encoded = encoder({"messages": messages}, FUZZ_ROW)
+    except ValueError as error:
+        event("ValueError")
+        assert f"row {FUZZ_ROW}" in str(error)
+        assert malformed, f"well-formed ChatML conversation refused: {error}"
+        return
+    assert not malformed
+    event(
+        f"dropped turns: {encoded['dropped_turns'] > 0}, cut from the right: {encoded['truncated_tokens'] > 0}"
+    )
+    assert encoded == {
+        **reference_encode_messages(tokenizer, messages, max_length=max_length),
+        "trained_tokens": encoded["trained_tokens"],
+    }
+    n_system = 0
+    while n_system < len(messages) and messages[n_system]["role"] == "system":
+        n_system += 1
+    kept = messages[:n_system] + messages[n_system + encoded["dropped_turns"] :]
+    text, spans = render_chatml(kept)
+    assert tokenizer.apply_chat_template(kept, tokenize=False) == text
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    assert len(labels) == len(ids) and ids == encoding["input_ids"][: len(ids)]
+    assert encoded["truncated_tokens"] == len(encoding["input_ids"]) - len(ids)
+    assert max_length is None or len(ids) <= max_length
+    assert encoded["trained_tokens"] == sum(label != IGNORE_INDEX for label in labels[1:])
+    # Assistant content + its end-of-turn marker, as character ranges of the rendered text.
+    assistant = [(start, end + len("<|im_end|>")) for role, start, end in spans if role == "assistant"]
+    trained_chars: set[int] = set()
+    for token, label, (start, end) in zip(ids, labels, encoding["offset_mapping"], strict=False):
+        if label == IGNORE_INDEX:
+            continue
+        assert label == token
+        trained_chars.update(range(start, end))
+        region = next(((a, b) for a, b in assistant if start < b and end > a), None)
+        assert region is not None, f"trained token {text[start:end]!r} is outside every assistant turn"
+        # A token may straddle the turn's start only by the header's whitespace ("\n" + "\n..." merged).
+        assert text[start : max(start, region[0])].isspace() or start >= region[0]
+        assert end <= region[1]
+    kept_chars = encoding["offset_mapping"][len(ids) - 1][1] if ids else 0
+    for start, end in assistant:
+        if end <= kept_chars:
+            assert set(range(start, end)) <= trained_chars, "assistant turn not fully trained"

@@ -10,15 +10,27 @@ Why characters and not token search: a response template such as ``"<|im_start|>
 differently depending on what precedes it, so searching for its token ids fails or matches the wrong
 place; character spans are exact whatever the tokenizer does at the boundaries.
 
+Tool calls: an assistant message with ``tool_calls`` (the transformers/OpenAI format, ``content`` None,
+absent or text) has no content string to search for. Its span is what the template renders for it
+between its header and its end of turn (the ``<tool_call>...</tool_call>`` JSON, any text before it),
+found from the template's own scaffolding: a probe render gives the text before each message (previous
+end of turn + header) and after the last one, and the tool-call body is what lies between them (see
+:func:`locate_spans`). ``tool`` results, ``tools`` schemas (``chat_template_kwargs={"tools": [...]}``)
+and any role outside ``train_roles`` (``developer``, ...) are rendered and masked.
+
 ``input_ids`` are exactly ``tokenizer.apply_chat_template(messages, tokenize=True)``: the template
 renders BOS and every special token itself, so the text is tokenized with ``add_special_tokens=False``
 (no double BOS). Labels are aligned with ``input_ids`` (``-100`` where not trained); the loss shifts.
+A conversation with nothing to train (no message of a trained role) comes back with every label
+``-100``, so the caller's ``on_untrained`` policy decides (drop and count, or raise naming the row).
 See docs/chat-masking.md.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from hf_shift_loss.loss import IGNORE_INDEX
@@ -32,9 +44,11 @@ STANDARD_ROLES = ("system", "user", "assistant", "tool")
 
 __all__ = ["encode_messages", "END_OF_TURN_MODES", "STANDARD_ROLES"]
 
+Span = tuple[int, int]
+
 
 def _where(example_index: int | None) -> str:
-    return f"example {example_index}" if example_index is not None else "conversation"
+    return f"row {example_index}" if example_index is not None else "conversation"
 
 
 def _normalize_train_roles(train_roles: str | Sequence[str]) -> tuple[str, ...]:
@@ -45,53 +59,86 @@ def _normalize_train_roles(train_roles: str | Sequence[str]) -> tuple[str, ...]:
     return roles
 
 
-def validate_messages(
-    messages: Any, train_roles: tuple[str, ...], example_index: int | None = None
-) -> list[Mapping[str, Any]]:
-    """Check the shape of a conversation; raise a ValueError naming the example and message index."""
+def has_tool_calls(message: Mapping[str, Any]) -> bool:
+    """Whether a (validated) message carries tool calls."""
+    return bool(message.get("tool_calls"))
+
+
+def validate_messages(messages: Any, example_index: int | None = None) -> list[Mapping[str, Any]]:
+    """Check the shape of a conversation; raise a ValueError naming the row and message index.
+
+    Every message is a dict with a ``role`` (any non-empty string: the template decides which it
+    renders) and a ``content`` string; a message with ``tool_calls`` (a non-empty list of dicts) may
+    have ``content`` None, absent or a string. Whether anything is trained is not checked here: a
+    conversation without a trained role is encoded with every label masked.
+    """
     where = _where(example_index)
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError(
             f"{where}: 'messages' must be a non-empty list of {{'role': ..., 'content': ...}} dicts, "
             f"got {type(messages).__name__} {str(messages)[:80]!r}"
         )
-    allowed_roles = set(STANDARD_ROLES) | set(train_roles)
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise ValueError(
                 f"{where}, message {i}: expected a dict with 'role' and 'content', got {type(message).__name__}"
             )
-        for key in ("role", "content"):
-            if key not in message:
+        if "role" not in message:
+            raise ValueError(
+                f"{where}, message {i}: missing key 'role' (keys: {sorted(map(str, message))}); every message "
+                "needs 'role' and 'content'"
+            )
+        role = message["role"]
+        if not isinstance(role, str) or not role:
+            raise ValueError(f"{where}, message {i}: 'role' must be a non-empty str, got {role!r}")
+        tool_calls = message.get("tool_calls")
+        if tool_calls is not None and (
+            not isinstance(tool_calls, (list, tuple)) or not all(isinstance(c, Mapping) for c in tool_calls)
+        ):
+            raise ValueError(
+                f"{where}, message {i} (role {role!r}): 'tool_calls' must be a list of "
+                "{'type': 'function', 'function': {'name': ..., 'arguments': ...}} dicts, got "
+                f"{str(tool_calls)[:80]!r}"
+            )
+        if tool_calls:
+            content = message.get("content")
+            if content is not None and not isinstance(content, str):
                 raise ValueError(
-                    f"{where}, message {i}: missing key {key!r} (keys: {sorted(message)}); every message "
-                    "needs 'role' and 'content'"
+                    f"{where}, message {i} (role {role!r}): content must be a str or None next to "
+                    f"'tool_calls', got {type(content).__name__}"
                 )
-        role, content = message["role"], message["content"]
-        if role not in allowed_roles:
+            continue
+        if "content" not in message:
             raise ValueError(
-                f"{where}, message {i}: unknown role {role!r}; allowed roles are {sorted(allowed_roles)} "
-                "(add it to train_roles to train it, or rename it)"
+                f"{where}, message {i}: missing key 'content' (keys: {sorted(map(str, message))}); every "
+                "message needs 'role' and 'content' (or 'tool_calls')"
             )
-        if not isinstance(content, str):
+        if not isinstance(message["content"], str):
             raise ValueError(
-                f"{where}, message {i} (role {role!r}): content must be a str, got {type(content).__name__}; "
-                "render structured or multimodal content to text first"
+                f"{where}, message {i} (role {role!r}): content must be a str, got "
+                f"{type(message['content']).__name__}; render structured or multimodal content to text first"
             )
-    if not any(message["role"] in train_roles for message in messages):
-        roles = [message["role"] for message in messages]
-        raise ValueError(
-            f"{where}: no message has a trained role {list(train_roles)} (roles: {roles}); nothing would be "
-            "trained. Drop the example or change train_roles"
-        )
     return list(messages)
 
 
 def render_chat(
-    tokenizer: Any, messages: Sequence[Mapping[str, Any]], chat_template_kwargs: Mapping[str, Any]
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, Any]],
+    chat_template_kwargs: Mapping[str, Any],
+    example_index: int | None = None,
 ) -> str:
-    """The conversation as the chat template renders it (a str, special tokens as text)."""
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, **chat_template_kwargs)
+    """The conversation as the chat template renders it (a str, special tokens as text).
+
+    Whatever the template raises (``raise_exception``, a role or a tool call it does not support, no
+    template at all) becomes a ValueError naming the row.
+    """
+    try:
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False, **chat_template_kwargs)
+    except Exception as error:
+        raise ValueError(
+            f"{_where(example_index)}: the chat template cannot render this conversation "
+            f"({type(error).__name__}: {error}); check the roles, tool calls and tools it supports"
+        ) from error
     if not isinstance(text, str):
         raise ValueError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str")
     return text
@@ -104,76 +151,158 @@ def _sentinel(i: int) -> str:
 
 def _separators(
     tokenizer: Any, messages: Sequence[Mapping[str, Any]], chat_template_kwargs: Mapping[str, Any]
-) -> list[str | None]:
-    """The template text before each message's content, learned by rendering sentinel contents.
+) -> tuple[list[str | None], str | None]:
+    """The template text before each message's content, and after the last one, from a sentinel render.
 
     ``separators[i]`` is the text between message ``i - 1``'s content (or the start) and message ``i``'s
     content: end-of-turn of ``i - 1`` + header of ``i`` (+ an injected system prompt before message 0).
     It pins each content to its exact position, so a short content ("a") is never found inside a
-    header ("assistant"). ``None`` where the template does not render a message's content at all.
+    header ("assistant"). ``None`` where the template does not render a message's content at all. The
+    probe renders every message as plain text (its tool calls removed), so a tool-call message's
+    header and end of turn are learned too. The tail is the text after the last message's content
+    (its end of turn and what the template appends), ``None`` if that content is not rendered.
     """
-    probe = [{**message, "content": _sentinel(i)} for i, message in enumerate(messages)]
+    probe = [
+        {**{k: v for k, v in message.items() if k != "tool_calls"}, "content": _sentinel(i)}
+        for i, message in enumerate(messages)
+    ]
     try:
-        text = render_chat(tokenizer, probe, chat_template_kwargs)
+        text = tokenizer.apply_chat_template(probe, tokenize=False, **chat_template_kwargs)
     except Exception:
         # Content-dependent templates may reject the probe; plain forward search still works.
-        return [None] * len(messages)
+        return [None] * len(messages), None
     separators: list[str | None] = []
     cursor = 0
+    found_last = False
     for i in range(len(messages)):
         start = text.find(_sentinel(i), cursor)
+        found_last = start >= 0
         if start < 0:
             separators.append(None)
             continue
         separators.append(text[cursor:start])
         cursor = start + len(_sentinel(i))
-    return separators
+    return separators, text[cursor:] if found_last else None
 
 
-def locate_contents(
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _common_suffix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(reversed(a), reversed(b), strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _cannot_locate(example_index: int | None, i: int, message: Mapping[str, Any], what: str) -> ValueError:
+    return ValueError(
+        f"{_where(example_index)}, message {i} (role {message['role']!r}): its {what} cannot be found in the "
+        "rendered chat template; the template rewrites or drops it. Normalize the content to what the "
+        "template renders, pass a template that keeps it verbatim (set tokenizer.chat_template), or "
+        "pre-tokenize the example as {'input_ids', 'labels'}"
+    )
+
+
+def _locate_content(text: str, cursor: int, content: str, separator: str | None) -> Span | None:
+    """Span of a content string: right after its separator, else forward from ``cursor``, else stripped."""
+    if separator is not None and text.startswith(separator, cursor):
+        expected = cursor + len(separator)
+        for candidate in (content, content.strip()):
+            if text.startswith(candidate, expected):
+                return expected, expected + len(candidate)
+    for candidate in (content, content.strip()):
+        start = text.find(candidate, cursor) if candidate else -1
+        if start >= 0:
+            return start, start + len(candidate)
+    return None
+
+
+def _locate_tool_call(
+    text: str,
+    cursor: int,
+    i: int,
+    messages: Sequence[Mapping[str, Any]],
+    separators: Sequence[str | None],
+    tail: str | None,
+) -> Span | None:
+    """Span of what the template renders for a tool-call message between its header and its end of turn.
+
+    Start: after the longest prefix of the text at ``cursor`` (the end of the previous message) that
+    agrees with the plain-message separator (previous end of turn + this header). End: where the next
+    message's separator (this end of turn + next header) begins, found with the next message's content
+    right after it when it has one; for the last message, before the longest suffix that agrees with
+    the probe's tail. Templates that give tool calls their own header (``[TOOL_CALLS]``) keep it in
+    the span: only the scaffolding shared with plain messages is left out.
+    """
+    separator = separators[i]
+    if separator is None:
+        return None
+    start = cursor + _common_prefix(separator, text[cursor : cursor + len(separator)])
+    if i + 1 == len(messages):
+        if tail is None:
+            return None
+        end = len(text) - _common_suffix(tail, text[start:])
+        return (start, end) if end >= start else None
+    following, next_separator = messages[i + 1], separators[i + 1]
+    if next_separator is None:
+        return None
+    if has_tool_calls(following) or not following["content"]:
+        end = text.find(next_separator, start)
+        return (start, end) if end >= 0 else None
+    for candidate in (following["content"], following["content"].strip()):
+        if candidate:
+            end = text.find(next_separator + candidate, start)
+            if end >= 0:
+                return start, end
+    # The end of turn after a tool call differs from the plain one: keep the part that agrees.
+    for candidate in (following["content"], following["content"].strip()):
+        position = text.find(candidate, start) if candidate else -1
+        if position >= 0:
+            return start, position - _common_suffix(next_separator, text[start:position])
+    return None
+
+
+def locate_spans(
     text: str,
     messages: Sequence[Mapping[str, Any]],
     separators: Sequence[str | None],
+    tail: str | None,
     train_roles: tuple[str, ...],
     example_index: int | None = None,
-) -> list[tuple[int, int] | None]:
+) -> list[Span | None]:
     """Character span ``(start, end)`` of every message's content in the rendered text, in order.
 
     Each content is first expected right after its separator; else searched forward from the end of
     the previous content (so assistant text repeating user text is not confused); else its stripped
-    form (templates that ``trim``). A message the template does not render gets ``None`` unless its
+    form (templates that ``trim``). A tool-call message's span is its rendered body
+    (:func:`_locate_tool_call`). A message the template does not render gets ``None`` unless its
     role is trained, which is an error.
     """
-    spans: list[tuple[int, int] | None] = []
+    spans: list[Span | None] = []
     cursor = 0
     for i, message in enumerate(messages):
-        content: str = message["content"]
-        separator = separators[i]
-        span = None
-        if separator is not None and text.startswith(separator, cursor):
-            expected = cursor + len(separator)
-            for candidate in (content, content.strip()):
-                if text.startswith(candidate, expected):
-                    span = (expected, expected + len(candidate))
-                    break
-        if span is None:
-            for candidate in (content, content.strip()):
-                start = text.find(candidate, cursor) if candidate else -1
-                if start >= 0:
-                    span = (start, start + len(candidate))
-                    break
-        if span is None:
-            if message["role"] not in train_roles and (separator is None or not content.strip()):
-                spans.append(None)  # not rendered (or empty) and not trained: nothing to mask or train
-                continue
-            raise ValueError(
-                f"{_where(example_index)}, message {i} (role {message['role']!r}): its content cannot be "
-                "found in the rendered chat template; the template rewrites or drops it. Normalize the "
-                "content to what the template renders, pass a template that keeps it verbatim (set "
-                "tokenizer.chat_template), or pre-tokenize the example as {'input_ids', 'labels'}"
-            )
+        trained = message["role"] in train_roles
+        if has_tool_calls(message):
+            span = _locate_tool_call(text, cursor, i, messages, separators, tail)
+            if span is None and trained:
+                raise _cannot_locate(example_index, i, message, "tool call")
+        else:
+            content: str = message["content"]
+            span = _locate_content(text, cursor, content, separators[i])
+            if span is None and (trained or (separators[i] is not None and content.strip())):
+                raise _cannot_locate(example_index, i, message, "content")
         spans.append(span)
-        cursor = span[1]
+        if span is not None:
+            cursor = span[1]
     return spans
 
 
@@ -205,15 +334,15 @@ def find_end_of_turn(text: str, content_end: int, limit: int, markers: Sequence[
 def trained_char_spans(
     text: str,
     messages: Sequence[Mapping[str, Any]],
-    spans: Sequence[tuple[int, int] | None],
+    spans: Sequence[Span | None],
     markers: Sequence[str],
     *,
     train_roles: tuple[str, ...],
     train_end_of_turn: EndOfTurnMode,
     last_turn_only: bool,
     first_trainable: int = 0,
-) -> list[tuple[int, int]]:
-    """Sorted, disjoint character spans whose overlapping tokens are trained.
+) -> list[Span]:
+    """Sorted, disjoint character spans whose overlapping tokens are trained (linear in the messages).
 
     Messages before ``first_trainable`` are context (a conversational prompt): never trained.
     """
@@ -224,14 +353,14 @@ def trained_char_spans(
     ]
     if last_turn_only:
         trainable = trainable[-1:]
+    trainable_set = set(trainable)
     last_trained = trainable[-1] if trainable else None
     located = [i for i, span in enumerate(spans) if span is not None]
-    trained: list[tuple[int, int]] = []
-    for i in located:
+    trained: list[Span] = []
+    for position, i in enumerate(located):
         start, end = spans[i]
-        next_starts = [spans[j][0] for j in located if j > i]
-        limit = next_starts[0] if next_starts else len(text)
-        is_trained = i in trainable
+        limit = spans[located[position + 1]][0] if position + 1 < len(located) else len(text)
+        is_trained = i in trainable_set
         if train_end_of_turn == "turn":
             wants_end = is_trained
         elif train_end_of_turn == "last":
@@ -249,16 +378,25 @@ def trained_char_spans(
     return sorted(trained)
 
 
-def _tokenize_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+def _tokenize_with_offsets(
+    tokenizer: Any, text: str, example_index: int | None = None
+) -> tuple[list[int], list[Span] | None]:
+    try:
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        encoding = None  # slow tokenizers may refuse offsets: tokenize without them
+    except Exception as error:
+        raise ValueError(
+            f"{_where(example_index)}: the tokenizer cannot encode the rendered chat: {error}"
+        ) from error
+    if encoding is None:
+        encoding = tokenizer(text, add_special_tokens=False)
     offsets = encoding.get("offset_mapping")
     # Slow tokenizers silently ignore return_offsets_mapping (or raise): fall back to prefix tokenization.
     return list(encoding["input_ids"]), [tuple(o) for o in offsets] if offsets is not None else None
 
 
-def _labels_from_offsets(
-    input_ids: list[int], offsets: list[tuple[int, int]], char_spans: list[tuple[int, int]]
-) -> list[int]:
+def _labels_from_offsets(input_ids: list[int], offsets: list[Span], char_spans: list[Span]) -> list[int]:
     labels = [IGNORE_INDEX] * len(input_ids)
     span_index = 0
     for t, (token_start, token_end) in enumerate(offsets):
@@ -281,22 +419,22 @@ def _common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _encode_text(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def _labels_by_prefix_tokenization(
-    tokenizer: Any, text: str, input_ids: list[int], char_spans: list[tuple[int, int]]
+    tokenizer: Any, text: str, input_ids: list[int], char_spans: list[Span]
 ) -> list[int]:
     """Labels for a tokenizer without offsets: tokenize the text up to each span boundary.
 
     Tokens of ``text[:b]`` that agree with the full tokenization end before ``b``; where they disagree
     a token straddles ``b`` and, as with offsets, a token overlapping a trained span is trained.
     """
-
-    def encode(prefix: str) -> list[int]:
-        return list(tokenizer(prefix, add_special_tokens=False)["input_ids"])
-
     labels = [IGNORE_INDEX] * len(input_ids)
     for span_start, span_end in char_spans:
-        first = _common_prefix_length(encode(text[:span_start]), input_ids)
-        before_end = encode(text[:span_end])
+        first = _common_prefix_length(_encode_text(tokenizer, text[:span_start]), input_ids)
+        before_end = _encode_text(tokenizer, text[:span_end])
         agreed = _common_prefix_length(before_end, input_ids)
         last = len(before_end) if agreed == len(before_end) else agreed + 1
         for t in range(first, min(last, len(input_ids))):
@@ -304,7 +442,18 @@ def _labels_by_prefix_tokenization(
     return labels
 
 
-def _encode_once(
+@dataclass
+class _Encoded:
+    """One render of a conversation: its text, message spans, tokens (with offsets when available)."""
+
+    text: str
+    spans: list[Span | None]
+    input_ids: list[int]
+    offsets: list[Span] | None
+    labels: list[int]
+
+
+def _encode(
     tokenizer: Any,
     messages: Sequence[Mapping[str, Any]],
     *,
@@ -314,10 +463,11 @@ def _encode_once(
     chat_template_kwargs: Mapping[str, Any],
     example_index: int | None,
     first_trainable: int = 0,
-) -> tuple[list[int], list[int]]:
-    text = render_chat(tokenizer, messages, chat_template_kwargs)
-    separators = _separators(tokenizer, messages, chat_template_kwargs)
-    spans = locate_contents(text, messages, separators, train_roles, example_index)
+) -> _Encoded:
+    """Render (plus one sentinel render), locate, tokenize once and label one conversation."""
+    text = render_chat(tokenizer, messages, chat_template_kwargs, example_index)
+    separators, tail = _separators(tokenizer, messages, chat_template_kwargs)
+    spans = locate_spans(text, messages, separators, tail, train_roles, example_index)
     char_spans = trained_char_spans(
         text,
         messages,
@@ -328,12 +478,20 @@ def _encode_once(
         last_turn_only=last_turn_only,
         first_trainable=first_trainable,
     )
-    input_ids, offsets = _tokenize_with_offsets(tokenizer, text)
+    input_ids, offsets = _tokenize_with_offsets(tokenizer, text, example_index)
     if offsets is not None:
         labels = _labels_from_offsets(input_ids, offsets, char_spans)
     else:
         labels = _labels_by_prefix_tokenization(tokenizer, text, input_ids, char_spans)
-    return input_ids, labels
+    return _Encoded(text, spans, input_ids, offsets, labels)
+
+
+def _encode_once(
+    tokenizer: Any, messages: Sequence[Mapping[str, Any]], **options: Any
+) -> tuple[list[int], list[int]]:
+    """``input_ids`` and ``labels`` of one render of a conversation (no truncation)."""
+    encoded = _encode(tokenizer, messages, **options)
+    return encoded.input_ids, encoded.labels
 
 
 def _exchanges(messages: Sequence[Mapping[str, Any]]) -> tuple[int, list[int]]:
@@ -347,6 +505,116 @@ def _exchanges(messages: Sequence[Mapping[str, Any]]) -> tuple[int, list[int]]:
         n_system += 1
     starts = [n_system] + [i for i in range(n_system + 1, len(messages)) if messages[i]["role"] == "user"]
     return n_system, starts
+
+
+def _first_trainable_after_cut(context_messages: int, n_system: int, cut: int) -> int:
+    """Where the context ends in ``messages[:n_system] + messages[cut:]`` (it moves with the kept messages)."""
+    if context_messages <= n_system:
+        return context_messages
+    return max(n_system + context_messages - cut, n_system)
+
+
+def _candidate_cuts(
+    messages: Sequence[Mapping[str, Any]], roles: tuple[str, ...], context_messages: int
+) -> tuple[int, list[int]]:
+    """The exchange starts that may become the first kept exchange, oldest first.
+
+    A cut is allowed while the kept messages still contain a trainable message (one of a trained role
+    at or after the context boundary); the first cut that loses the last one ends the list.
+    """
+    n_system, starts = _exchanges(messages)
+    trained_in_system = any(
+        messages[i]["role"] in roles for i in range(min(context_messages, n_system), n_system)
+    )
+    last_trained = max((i for i, m in enumerate(messages) if m["role"] in roles), default=-1)
+    cuts = []
+    for cut in starts[1:]:
+        if not (trained_in_system or last_trained >= max(context_messages, cut)):
+            break
+        cuts.append(cut)
+    return n_system, cuts
+
+
+def _token_positions(tokenizer: Any, encoded: _Encoded, char_positions: Sequence[int]) -> list[int]:
+    """Index of the first token at or after each (sorted) character position of the rendered text.
+
+    From the offsets (a binary search each); without offsets, by tokenizing the text between
+    consecutive positions (an estimate, linear in the text).
+    """
+    if encoded.offsets is not None:
+        starts = [start for start, _ in encoded.offsets]
+        return [bisect.bisect_left(starts, position) for position in char_positions]
+    positions, count, previous = [], 0, 0
+    for position in char_positions:
+        count += len(_encode_text(tokenizer, encoded.text[previous:position])) if position > previous else 0
+        positions.append(count)
+        previous = max(previous, position)
+    return positions
+
+
+def _drop_oldest_exchanges(
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, Any]],
+    full: _Encoded,
+    max_length: int,
+    roles: tuple[str, ...],
+    context_messages: int,
+    options: Mapping[str, Any],
+) -> tuple[_Encoded, int]:
+    """The longest tail of whole exchanges (after the leading system messages) that fits ``max_length``.
+
+    Same result as dropping the oldest exchange, re-rendering and re-tokenizing until the rest fits
+    (or only the last exchange with a trainable message is left), in linear time:
+
+    1. Estimate, from the one render and tokenization already done, the length after each possible
+       cut: the full length minus the tokens between the first exchange's start and the cut's
+       exchange start (token positions from the offsets).
+    2. Render and tokenize the conversation at the first cut estimated to fit (or the last allowed).
+    3. Verify with real renders: if it fits, also render one exchange more and make sure that does
+       not fit; if it does not fit, move to the next cut. Templates whose output depends on position
+       (a system prompt merged into the first user turn, a date or an index in a header, a default
+       system prompt injected only before a user turn) make the estimate off by a few tokens; these
+       verification renders are what keeps the result exact, and they walk one exchange at a time
+       from the estimate until the answer is confirmed. The only assumption is that dropping an
+       exchange never makes the rendered conversation longer.
+
+    Returns the encoded kept conversation and the number of messages dropped.
+    """
+    n_system, cuts = _candidate_cuts(messages, roles, context_messages)
+    if not cuts:
+        return full, 0
+    # A message's boundary: the start of its span, or of the next located message's (not rendered: none).
+    boundaries, next_start = [len(full.text)] * len(messages), len(full.text)
+    for i in range(len(messages) - 1, -1, -1):
+        if full.spans[i] is not None:
+            next_start = full.spans[i][0]
+        boundaries[i] = next_start
+    first, *cut_tokens = _token_positions(
+        tokenizer, full, [boundaries[n_system]] + [boundaries[cut] for cut in cuts]
+    )
+    estimates = [len(full.input_ids) - (tokens - first) for tokens in cut_tokens]
+    k = next((k for k, estimate in enumerate(estimates) if estimate <= max_length), len(cuts) - 1)
+
+    renders: dict[int, _Encoded] = {}
+
+    def encoded_at(k: int) -> _Encoded:
+        if k not in renders:
+            cut = cuts[k]
+            kept = list(messages[:n_system]) + list(messages[cut:])
+            first_trainable = _first_trainable_after_cut(context_messages, n_system, cut)
+            renders[k] = _encode(tokenizer, kept, first_trainable=first_trainable, **options)
+        return renders[k]
+
+    def fits(k: int) -> bool:
+        return len(encoded_at(k).input_ids) <= max_length
+
+    if fits(k):
+        while k > 0 and fits(k - 1):
+            k -= 1
+    else:
+        while k + 1 < len(cuts) and not fits(k):
+            k += 1
+    return encoded_at(k), cuts[k] - n_system
 
 
 def encode_messages(
@@ -366,26 +634,36 @@ def encode_messages(
     Args:
         tokenizer: a tokenizer with a chat template (fast tokenizers use offsets; slow ones fall back to
             prefix tokenization).
-        messages: ``[{"role": ..., "content": str}, ...]``; roles system, user, assistant, tool or any
-            role in ``train_roles``. Extra keys are passed to the template untouched.
+        messages: ``[{"role": ..., "content": str}, ...]``; any role the template renders (system,
+            user, assistant, tool, developer, ...): only ``train_roles`` are trained. A message with
+            ``tool_calls`` (``[{"type": "function", "function": {"name": ..., "arguments": ...}}]``)
+            may have ``content`` None or absent; its call as the template renders it is trained when
+            its role is. Extra keys are passed to the template untouched.
         train_roles: roles whose content is trained.
         train_end_of_turn: which end-of-turn markers are trained: ``"turn"`` after every trained
             message, ``"last"`` only after the last trained message, ``"all"`` after every message
             (untrained messages' content stays masked), ``"none"`` never.
         last_turn_only: train only the last message with a trained role (earlier ones are context).
         max_length: if the conversation is longer, drop the oldest exchanges (user turn up to the next
-            user turn) while keeping leading system messages; if the last exchange alone is still too
-            long, cut tokens from the right.
-        chat_template_kwargs: extra keyword arguments for ``apply_chat_template``.
-        example_index: the example's index in its dataset, named in error messages.
+            user turn) while keeping leading system messages and the last exchange with a trained
+            message; if that is still too long, cut tokens from the right. Linear time: one render
+            and tokenization of the whole conversation picks the cut, a few renders of the kept part
+            verify it (see :func:`_drop_oldest_exchanges`).
+        chat_template_kwargs: extra keyword arguments for ``apply_chat_template`` (``tools``, ...).
+        example_index: the example's row in its dataset, named in error messages.
         context_messages: the first ``context_messages`` messages are never trained, whatever their role
             (a conversational ``prompt`` followed by its ``completion`` messages).
 
     Returns:
         ``{"input_ids": list[int], "labels": list[int], "truncated_tokens": int, "dropped_turns": int,
-        "truncated_completion": int}``: labels aligned with input_ids (``-100`` where not trained);
-        ``truncated_tokens`` counts tokens cut from the right, ``dropped_turns`` the messages dropped
-        from the left, ``truncated_completion`` is 1 when the right cut removed trained tokens.
+        "truncated_completion": int}``: labels aligned with input_ids (``-100`` where not trained, all
+        of them when no message is trainable); ``truncated_tokens`` counts tokens cut from the right,
+        ``dropped_turns`` the messages dropped from the left, ``truncated_completion`` is 1 when the
+        right cut removed trained tokens.
+
+    Raises:
+        ValueError: naming the row (and message): malformed messages, a template that cannot render
+            them, or a trained message the template rewrites so that it cannot be found.
 
     Example:
         >>> from transformers import AutoTokenizer  # doctest: +SKIP
@@ -400,7 +678,7 @@ def encode_messages(
         raise ValueError(f"train_end_of_turn must be one of {END_OF_TURN_MODES}, got {train_end_of_turn!r}")
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
-    messages = validate_messages(messages, roles, example_index)
+    messages = validate_messages(messages, example_index)
     options = dict(
         train_roles=roles,
         train_end_of_turn=train_end_of_turn,
@@ -408,26 +686,13 @@ def encode_messages(
         chat_template_kwargs=dict(chat_template_kwargs or {}),
         example_index=example_index,
     )
-    input_ids, labels = _encode_once(tokenizer, messages, first_trainable=context_messages, **options)
+    encoded = _encode(tokenizer, messages, first_trainable=context_messages, **options)
     dropped_turns = 0
-    if max_length is not None and len(input_ids) > max_length:
-        n_system, starts = _exchanges(messages)
-        # Drop the oldest exchanges one at a time (re-rendering: templates may depend on position),
-        # keeping at least one exchange that still contains a trained message.
-        for cut in starts[1:]:
-            # Original message j >= cut is now at n_system + j - cut; the context boundary moves with it.
-            first_trainable = (
-                context_messages
-                if context_messages <= n_system
-                else max(n_system + context_messages - cut, n_system)
-            )
-            kept = list(messages[:n_system]) + list(messages[cut:])
-            if not any(m["role"] in roles for m in kept[first_trainable:]):
-                break
-            input_ids, labels = _encode_once(tokenizer, kept, first_trainable=first_trainable, **options)
-            dropped_turns = cut - n_system
-            if len(input_ids) <= max_length:
-                break
+    if max_length is not None and len(encoded.input_ids) > max_length:
+        encoded, dropped_turns = _drop_oldest_exchanges(
+            tokenizer, messages, encoded, max_length, roles, context_messages, options
+        )
+    input_ids, labels = encoded.input_ids, encoded.labels
     truncated_tokens = 0
     truncated_completion = 0
     if max_length is not None and len(input_ids) > max_length:

@@ -219,6 +219,12 @@ class Encoder:
         return self._encoded(ids, labels, truncated, answer_cut)
 
     def _messages(self, messages: Any, index: int | None, context_messages: int) -> dict[str, Any]:
+        """A conversation (``messages``, or a conversational prompt + completion) through its chat template.
+
+        Tool calls and any role the template renders are accepted; a conversation with nothing to
+        train comes back fully masked (``trained_tokens`` 0), so ``on_untrained`` decides; malformed
+        messages raise a ValueError naming the row and the message.
+        """
         return encode_messages(
             self.tokenizer,
             messages,
