@@ -706,3 +706,17 @@ def test_fuzz_encoder_returns_aligned_assistant_only_labels_or_a_value_error_nam
     for start, end in assistant:
         if end <= kept_chars:
             assert set(range(start, end)) <= trained_chars, "assistant turn not fully trained"
+
+
+@pytest.mark.parametrize("answer", ["    return x\n", "\n\nPara.", " leading space"])
+def test_the_trained_context_ends_exactly_where_generation_starts(answer):
+    """BPE would merge the header's newline with an answer's leading whitespace: the context the model
+    is trained on must be the prompt it gets at generation time (add_generation_prompt=True)."""
+    tokenizer = smollm2_tokenizer()
+    messages = [{"role": "user", "content": "def f(x):"}, {"role": "assistant", "content": answer}]
+    encoded = encode_messages(tokenizer, messages)
+    first = next(i for i, label in enumerate(encoded["labels"]) if label != IGNORE_INDEX)
+    prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert encoded["input_ids"][:first] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    trained = [label for label in encoded["labels"] if label != IGNORE_INDEX]
+    assert tokenizer.decode(trained) == answer + "<|im_end|>"

@@ -119,20 +119,21 @@ def test_cli_inspect_writes_statistics_and_html_report(tmp_path, capsys):
     chat = encode_messages(tokenizer, CHAT["messages"])
     chat_trained = sum(label != -100 for label in chat["labels"][1:])
     completion_tokens = len(tokenizer(" 4", add_special_tokens=False)["input_ids"]) + 1  # + trained EOS
-    # The failing example is counted apart: DataStats counts what encoded, as training prepares it.
-    assert stats["examples"] == 3 and stats["failed_examples"] == 1 and stats["kept_examples"] == 3
+    # A conversation with no assistant turn is untrainable: counted as dropped, as training drops it.
+    assert stats["examples"] == 4 and stats["failed_examples"] == 0 and stats["kept_examples"] == 3
     assert stats["formats"] == {"messages": 2, "prompt_completion": 1, "tokenized": 1}
     assert stats["trained_tokens"] == chat_trained + completion_tokens + 2
     prompt_tokens = len(tokenizer("Q: 2+2=", add_special_tokens=False)["input_ids"])
     assert stats["total_tokens"] == len(chat["input_ids"]) + prompt_tokens + completion_tokens + 4
     assert stats["trained_ratio"] == pytest.approx(stats["trained_tokens"] / stats["total_tokens"])
-    assert stats["truncated_examples"] == 0 and stats["untrained_examples"] == 0
-    assert "example 3: no message has a trained role" in stats["errors"][0]
+    assert stats["truncated_examples"] == 0 and stats["untrained_examples"] == 1
+    assert stats["errors"] == []
     assert sum(stats["length_histogram"]["counts"]) == 3
 
     report = ReportParser()
     report.feed(html_path.read_text(encoding="utf-8"))
-    assert report.stats["examples"] == "3" and report.stats["examples that failed to encode"] == "1"
+    assert report.stats["examples"] == "4" and "examples that failed to encode" not in report.stats
+    assert report.stats["examples with no trained token"] == "1"
     assert report.stats["trained tokens"].startswith(f"{stats['trained_tokens']} (")
     assert report.images and report.images[0].startswith("data:image/png;base64,")
     assert base64.b64decode(report.images[0].split(",", 1)[1]).startswith(b"\x89PNG")

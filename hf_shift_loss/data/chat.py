@@ -144,6 +144,19 @@ def render_chat(
     return text
 
 
+def generation_prompt_suffix(tokenizer: Any, chat_template_kwargs: Mapping[str, Any]) -> str:
+    """What ``add_generation_prompt=True`` appends after a user turn (``<|im_start|>assistant\\n``), or ""."""
+    probe = [{"role": "user", "content": _sentinel(0)}]
+    try:
+        with_prompt = tokenizer.apply_chat_template(
+            probe, tokenize=False, add_generation_prompt=True, **chat_template_kwargs
+        )
+        without = tokenizer.apply_chat_template(probe, tokenize=False, **chat_template_kwargs)
+    except Exception:  # a template that cannot render a lone user turn: no known generation prompt
+        return ""
+    return with_prompt[len(without) :] if with_prompt.startswith(without) else ""
+
+
 def _sentinel(i: int) -> str:
     # Private-use characters: never in a template, untouched by `trim`.
     return f"\ue000{i}\ue001"
@@ -396,6 +409,48 @@ def _tokenize_with_offsets(
     return list(encoding["input_ids"]), [tuple(o) for o in offsets] if offsets is not None else None
 
 
+def _split_at_answer_starts(
+    tokenizer: Any,
+    text: str,
+    input_ids: list[int],
+    offsets: list[Span],
+    char_spans: list[Span],
+    chat_template_kwargs: Mapping[str, Any],
+    example_index: int | None,
+) -> tuple[list[int], list[Span]]:
+    """Re-tokenize so that no token straddles the start of a trained span where a prompt would end.
+
+    Byte-level BPE merges across the template/answer boundary: SmolLM2 turns the ``\\n`` that ends
+    ``<|im_start|>assistant\\n`` and an answer's leading spaces into one token, so the context would end
+    at ``assistant`` while generation (``add_generation_prompt=True``) ends with a separate ``\\n``: the
+    model would be trained on a prompt it never sees. Where a token straddles a trained span's start
+    and the text before it ends with the template's generation prompt, the text is tokenized in pieces
+    split there (as the prompt and the answer are at generation time); elsewhere the tokens stay exactly
+    those of the whole rendered text (a SentencePiece ``▁Paris`` after Mistral's ``[/INST]`` also spans
+    the answer's start, and is what generation produces there).
+    """
+    suffix = generation_prompt_suffix(tokenizer, chat_template_kwargs)
+    token_starts = [start for start, _ in offsets]
+
+    def straddles(boundary: int) -> bool:
+        index = bisect.bisect_left(token_starts, boundary) - 1  # the last token starting before it
+        return index >= 0 and offsets[index][1] > boundary
+
+    boundaries = sorted({start for start, _ in char_spans})
+    straddled = [b for b in boundaries if suffix and text.endswith(suffix, 0, b) and straddles(b)]
+    if not straddled:
+        return input_ids, offsets
+    split_ids: list[int] = []
+    split_offsets: list[Span] = []
+    for piece_start, piece_end in zip([0, *straddled], [*straddled, len(text)], strict=True):
+        piece_ids, piece_offsets = _tokenize_with_offsets(
+            tokenizer, text[piece_start:piece_end], example_index
+        )
+        split_ids += piece_ids
+        split_offsets += [(piece_start + s, piece_start + e) for s, e in piece_offsets]
+    return split_ids, split_offsets
+
+
 def _labels_from_offsets(input_ids: list[int], offsets: list[Span], char_spans: list[Span]) -> list[int]:
     labels = [IGNORE_INDEX] * len(input_ids)
     span_index = 0
@@ -480,6 +535,9 @@ def _encode(
     )
     input_ids, offsets = _tokenize_with_offsets(tokenizer, text, example_index)
     if offsets is not None:
+        input_ids, offsets = _split_at_answer_starts(
+            tokenizer, text, input_ids, offsets, char_spans, chat_template_kwargs, example_index
+        )
         labels = _labels_from_offsets(input_ids, offsets, char_spans)
     else:
         labels = _labels_by_prefix_tokenization(tokenizer, text, input_ids, char_spans)
