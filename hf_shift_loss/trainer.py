@@ -104,7 +104,7 @@ class ShiftLossTrainer(Trainer):
                 processing_class = load_tokenizer(model)
             model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
         if peft_config is not None:
-            model = _apply_peft(model, peft_config)
+            model = _apply_peft(model, peft_config, args.gradient_checkpointing)
         self.data_stats: dict[str, DataStats | None] = {}
         self._data_formats: dict[str, str] = {}
         if data_collator is None and (train_dataset is not None or eval_dataset is not None):
@@ -433,12 +433,12 @@ def _train_split(dataset: Any) -> Any:
     return dataset
 
 
-def _apply_peft(model: nn.Module, peft_config: Any) -> nn.Module:
+def _apply_peft(model: nn.Module, peft_config: Any, gradient_checkpointing: bool) -> nn.Module:
     from peft import PeftModel, get_peft_model
 
     if isinstance(model, PeftModel):
         raise ValueError("the model is already a PeftModel; pass peft_config=None or the base model")
-    if getattr(model, "is_gradient_checkpointing", False):
+    if gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed LoRA needs inputs that require grad
     return get_peft_model(model, peft_config)
 
