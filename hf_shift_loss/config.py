@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -138,6 +139,8 @@ class ShiftLossArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.dataloader_pin_memory and not torch.accelerator.is_available():
+            self.dataloader_pin_memory = False  # nothing to pin for: torch would warn on every data loader
         for name in ("chat_template_kwargs", "model_init_kwargs"):
             value = getattr(self, name)
             if isinstance(value, str):
