@@ -118,3 +118,26 @@ def test_the_run_explains_itself_in_one_block(tmp_path, capsys):
         and "packed into 2 rows, 56.2% full" in block[5]
     )
     assert printed.count("[hf_shift_loss] run summary") == 1
+
+
+def test_whitespace_only_completions_are_counted_and_said_once(caplog):
+    rows = [
+        {"prompt": "a", "completion": "   "},
+        {"prompt": "a", "completion": "yes"},
+        {"prompt": "b", "completion": "\n"},
+    ]
+    with caplog.at_level("WARNING"):
+        prepared = prepare_dataset(Dataset.from_list(rows), Encoder(word_tokenizer()))
+    assert prepared.stats.blank_completions == 2 and prepared.stats.kept_examples == 3  # EOS is still trained
+    assert caplog.text.count("completion of only whitespace (rows 0, 2)") == 1
+
+
+def test_a_chat_answer_cut_from_the_right_is_counted():
+    from chat_tokenizers import smollm2_tokenizer
+
+    messages = [{"role": "user", "content": "Tell me."}, {"role": "assistant", "content": "word " * 60}]
+    prepared = prepare_dataset(
+        Dataset.from_list([{"messages": messages}]), Encoder(smollm2_tokenizer(), max_length=48)
+    )
+    stats = prepared.stats
+    assert stats.truncated_completions == 1 and stats.truncated_examples == 1 and stats.truncated_tokens > 0

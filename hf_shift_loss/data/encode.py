@@ -162,6 +162,7 @@ class Encoder:
         else:
             present = {key: type(value).__name__ for key, value in example.items()}
             raise ValueError(f"{where}: fits no format (keys and types: {present}); expected {_FORMAT_HELP}")
+        encoded.setdefault("blank_completion", 0)
         if self.train_on == "all":
             encoded["labels"] = list(encoded["input_ids"])
         encoded["trained_tokens"] = trained_targets(encoded["labels"])
@@ -183,6 +184,7 @@ class Encoder:
             "truncated_tokens": truncated,
             "truncated_completion": answer_cut,
             "dropped_turns": 0,
+            "blank_completion": 0,
         }
 
     def _text(self, text: Any, where: str) -> dict[str, Any]:
@@ -216,7 +218,9 @@ class Encoder:
                     truncated, answer_cut = overflow, 1
         ids = prefix + prompt_ids + completion_ids
         labels = [IGNORE_INDEX] * (len(prefix) + len(prompt_ids)) + completion_ids
-        return self._encoded(ids, labels, truncated, answer_cut)
+        encoded = self._encoded(ids, labels, truncated, answer_cut)
+        encoded["blank_completion"] = int(not completion.strip())  # counted, and said once per dataset
+        return encoded
 
     def _messages(self, messages: Any, index: int | None, context_messages: int) -> dict[str, Any]:
         """A conversation (``messages``, or a conversational prompt + completion) through its chat template.

@@ -169,7 +169,16 @@ def _count(encoded: datasets.Dataset, name: str, on_untrained: str, vocab_size: 
         truncated_completions=int(np.asarray(counts["truncated_completion"]).sum()),
         dropped_turns=int(dropped_turns.sum()),
         untrained_examples=len(untrained_rows),
+        blank_completions=int(np.asarray(counts["blank_completion"]).sum()),
     )
+    if stats.blank_completions:
+        blank_rows = np.flatnonzero(np.asarray(counts["blank_completion"]))[:10]
+        logger.warning(
+            "%s set: %d rows have a completion of only whitespace (rows %s): they train little more than EOS",
+            name,
+            stats.blank_completions,
+            ", ".join(str(int(row)) for row in blank_rows),
+        )
     if len(untrained_rows):
         shown = ", ".join(str(int(row)) for row in untrained_rows[:10])
         logger.warning(

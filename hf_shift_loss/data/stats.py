@@ -14,7 +14,13 @@ from dataclasses import asdict, dataclass, fields
 __all__ = ["COUNT_COLUMNS", "DataStats"]
 
 # Per-example counts that the encoder returns next to input_ids/labels.
-COUNT_COLUMNS = ("trained_tokens", "truncated_tokens", "truncated_completion", "dropped_turns")
+COUNT_COLUMNS = (
+    "trained_tokens",
+    "truncated_tokens",
+    "truncated_completion",
+    "dropped_turns",
+    "blank_completion",
+)
 
 
 @dataclass
@@ -45,6 +51,8 @@ class DataStats:
     """Chat messages removed from the start of conversations by ``max_length``."""
     untrained_examples: int = 0
     """Examples with no trained token after masking and truncation: dropped from the dataset."""
+    blank_completions: int = 0
+    """Prompt/completion examples whose completion is only whitespace (they train little but EOS)."""
     packed_rows: int = 0
     """Rows of ``max_length`` produced by packing (0 without packing)."""
     packed_capacity: int = 0
@@ -81,6 +89,7 @@ class DataStats:
         self.truncated_examples += int(truncated > 0 or dropped_turns > 0)
         self.truncated_completions += int(encoded.get("truncated_completion", 0))
         self.dropped_turns += dropped_turns
+        self.blank_completions += int(encoded.get("blank_completion", 0))
         if trained == 0:
             self.untrained_examples += 1
             return
@@ -103,6 +112,7 @@ class DataStats:
             "truncated_tokens": self.truncated_tokens,
             "truncated_completions": self.truncated_completions,
             "dropped_turns": self.dropped_turns,
+            "blank_completions": self.blank_completions,
         }
         if self.packed_rows:
             entries.update(packing_fill=round(self.packing_fill, 4), split_examples=self.split_examples)
