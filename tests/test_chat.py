@@ -676,6 +676,7 @@ def test_fuzz_encoder_returns_aligned_assistant_only_labels_or_a_value_error_nam
     assert encoded == {
         **reference_encode_messages(tokenizer, messages, max_length=max_length),
         "trained_tokens": encoded["trained_tokens"],
+        "blank_completion": 0,
     }
     n_system = 0
     while n_system < len(messages) and messages[n_system]["role"] == "system":
