@@ -311,7 +311,8 @@ def locate_spans(
         else:
             content: str = message["content"]
             span = _locate_content(text, cursor, content, separators[i])
-            if span is None and (trained or (separators[i] is not None and content.strip())):
+            # An empty content that cannot be placed has nothing to train: it stays unlocated.
+            if span is None and content.strip() and (trained or separators[i] is not None):
                 raise _cannot_locate(example_index, i, message, "content")
         spans.append(span)
         if span is not None:
