@@ -30,9 +30,11 @@ import torch
 
 from hf_shift_loss.loss import (
     IGNORE_INDEX,
+    LogitTransform,
     Reduction,
     _check_reduction,
     check_labels_shape,
+    logit_transform,
     reduce_token_losses,
     shift_labels,
     validate_labels,
@@ -141,6 +143,23 @@ def _grad_logits_(
     return grad
 
 
+def _transform_logits_(logits: torch.Tensor, transform: LogitTransform, tanh: torch.Tensor | None) -> None:
+    """In place: ``logits = cap * tanh(scale * logits / cap)``; keeps ``tanh`` for the gradient."""
+    if transform.scale != 1.0:
+        logits.mul_(transform.scale)
+    if transform.softcap is not None:
+        torch.div(logits, transform.softcap, out=tanh).tanh_()
+        torch.mul(tanh, transform.softcap, out=logits)
+
+
+def _raw_logits_grad_(grad: torch.Tensor, transform: LogitTransform, tanh: torch.Tensor | None) -> None:
+    """In place: d(loss)/d(transformed logits) -> d(loss)/d(raw logits)."""
+    if transform.softcap is not None:
+        grad.mul_(tanh.square_().neg_().add_(1.0))  # d/dz cap * tanh(z / cap) = 1 - tanh^2
+    if transform.scale != 1.0:
+        grad.mul_(transform.scale)
+
+
 def _chunk_loop(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -149,6 +168,7 @@ def _chunk_loop(
     targets: torch.Tensor,
     chunk_size: int,
     needs_grad: tuple[bool, bool, bool],
+    transform: LogitTransform,
     visit: Callable[[slice, torch.Tensor, torch.Tensor], torch.Tensor | None],
 ) -> _GradientAccumulator | None:
     """The one loop over chunks of trained rows, serving the forward and the backward recompute.
@@ -157,7 +177,9 @@ def _chunk_loop(
     ``[rows, V]`` into a buffer reused by every chunk (:func:`_chunk_logits`) and calls
     ``visit(span, logits, chunk_targets)``, where ``span`` is the chunk's slice of ``rows``/``targets``.
     ``visit`` may overwrite ``logits`` in place and returns d(loss)/d(logits) of the chunk (float32
-    ``[rows, V]``, usually ``logits`` itself), or None when no gradient is wanted.
+    ``[rows, V]``, usually ``logits`` itself), or None when no gradient is wanted. The logits it sees
+    are already scaled and soft-capped (``transform``); the loop turns the gradient it returns into the
+    gradient of the raw ``hidden @ weight.T + bias`` (chain rule: ``* (1 - tanh^2) * scale``).
 
     Returns:
         The gradients wrt ``hidden``, ``weight`` and ``bias`` accumulated over the chunks, or None when
@@ -175,6 +197,8 @@ def _chunk_loop(
     grads = (
         _GradientAccumulator(hidden, weight, bias, needs_grad, rows_per_chunk) if any(needs_grad) else None
     )
+    # Soft-capping needs tanh(z / cap) again for the gradient, after the loss overwrote the logits.
+    tanh_buffer = torch.empty_like(logits_buffer) if transform.softcap is not None else None
     for start in range(0, num_trained, rows_per_chunk):
         end = min(start + rows_per_chunk, num_trained)
         chunk_rows = rows[start:end]
@@ -182,7 +206,11 @@ def _chunk_loop(
         logits = logits_buffer[: end - start]
         low_precision_logits = None if low_precision_buffer is None else low_precision_buffer[: end - start]
         _chunk_logits(hidden_rows, weight, bias, logits, low_precision_logits)
+        tanh = None if tanh_buffer is None else tanh_buffer[: end - start]
+        _transform_logits_(logits, transform, tanh)
         grad_logits = visit(slice(start, end), logits, targets[start:end])
+        if grad_logits is not None:
+            _raw_logits_grad_(grad_logits, transform, tanh)
         if grads is not None and grad_logits is not None:
             grads.add_chunk(grad_logits, low_precision_logits, hidden_rows, chunk_rows)
     return grads
@@ -213,6 +241,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         chunk_size: int,
         label_smoothing: float,
         z_loss: float,
+        transform: LogitTransform,
         per_token: bool,
         count_correct: bool,
         needs_grad: tuple[bool, bool, bool],
@@ -252,13 +281,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             targets,
             chunk_size,
             needs_grad if grads_in_forward else (False, False, False),
+            transform,
             losses_of_chunk,
         )
 
         ctx.mark_non_differentiable(correct_tokens)
         ctx.per_token = per_token
         ctx.input_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.options = (chunk_size, label_smoothing, z_loss, needs_grad)
+        ctx.options = (chunk_size, label_smoothing, z_loss, transform, needs_grad)
         if per_token:
             ctx.save_for_backward(hidden, weight, bias, rows, targets, log_partitions)
         else:
@@ -267,7 +297,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_correct: torch.Tensor | None):
-        no_grad_for_options = (None,) * 8
+        no_grad_for_options = (None,) * 9
         if not ctx.per_token:
             if ctx.gradients is None:
                 raise RuntimeError(
@@ -281,7 +311,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             return (*_to_dtypes(scaled, ctx.input_dtypes), *no_grad_for_options)
 
         hidden, weight, bias, rows, targets, log_partitions = ctx.saved_tensors
-        chunk_size, label_smoothing, z_loss, needs_grad = ctx.options
+        chunk_size, label_smoothing, z_loss, transform, needs_grad = ctx.options
         grad_loss = grad_loss.float()
 
         def grad_of_chunk(span: slice, logits: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
@@ -293,7 +323,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 exp_logits, chunk_targets, log_partition, ones, grad_loss[span], label_smoothing, z_loss
             )
 
-        grads = _chunk_loop(hidden, weight, bias, rows, targets, chunk_size, needs_grad, grad_of_chunk)
+        grads = _chunk_loop(
+            hidden, weight, bias, rows, targets, chunk_size, needs_grad, transform, grad_of_chunk
+        )
         gradients = [None, None, None] if grads is None else [grads.hidden, grads.weight, grads.bias]
         return (*_to_dtypes(gradients, ctx.input_dtypes), *no_grad_for_options)
 
@@ -413,6 +445,8 @@ def fused_linear_cross_entropy(
     num_items_in_batch: torch.Tensor | int | float | None = ...,
     label_smoothing: float = ...,
     z_loss: float = ...,
+    logit_scale: float = ...,
+    logit_softcap: float | None = ...,
     chunk_size: int | None = ...,
     return_correct: Literal[False] = ...,
 ) -> torch.Tensor: ...
@@ -431,6 +465,8 @@ def fused_linear_cross_entropy(
     num_items_in_batch: torch.Tensor | int | float | None = ...,
     label_smoothing: float = ...,
     z_loss: float = ...,
+    logit_scale: float = ...,
+    logit_softcap: float | None = ...,
     chunk_size: int | None = ...,
     return_correct: Literal[True],
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -449,6 +485,8 @@ def fused_linear_cross_entropy(
     num_items_in_batch: torch.Tensor | int | float | None = ...,
     label_smoothing: float = ...,
     z_loss: float = ...,
+    logit_scale: float = ...,
+    logit_softcap: float | None = ...,
     chunk_size: int | None = ...,
     return_correct: bool,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
@@ -466,6 +504,8 @@ def fused_linear_cross_entropy(
     num_items_in_batch: torch.Tensor | int | float | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
     chunk_size: int | None = None,
     return_correct: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -479,9 +519,10 @@ def fused_linear_cross_entropy(
         labels: ``[batch, seq]`` (``hidden.shape[:-1]``), same convention as :func:`causal_lm_loss`.
             Moved to ``hidden``'s device.
         bias: optional ``[vocab]`` lm_head bias.
-        shift, ignore_index, reduction, num_items_in_batch, label_smoothing, z_loss: exactly as
-            :func:`hf_shift_loss.loss.causal_lm_loss` (``"none"`` returns ``labels``' shape, 0 where not
-            trained).
+        shift, ignore_index, reduction, num_items_in_batch, label_smoothing, z_loss, logit_scale,
+            logit_softcap: exactly as :func:`hf_shift_loss.loss.causal_lm_loss` (``"none"`` returns
+            ``labels``' shape, 0 where not trained); the scale and soft-cap are applied to each chunk's
+            logits, with their exact gradient.
         chunk_size: trained rows per chunk; default :func:`default_chunk_size` (float32 logits of a chunk
             under min(256 MiB, a quarter of the weight gradient)).
         return_correct: also return the number of trained positions whose argmax over the logits equals
@@ -524,6 +565,7 @@ def fused_linear_cross_entropy(
         torch.Size([1, 4, 2])
     """
     _check_reduction(reduction, label_smoothing, z_loss)
+    transform = logit_transform(logit_scale, logit_softcap)
     _validate_inputs(hidden, weight, labels, bias)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
@@ -558,6 +600,7 @@ def fused_linear_cross_entropy(
         chunk_size,
         float(label_smoothing),
         float(z_loss),
+        transform,
         per_token,
         return_correct,
         needs_grad,

@@ -5,8 +5,13 @@ linear layer that turns them into logits. ``find_output_head(model)`` finds both
 models (tied embeddings included) and peft models (LoRA in the backbone, a frozen or a ``modules_to_save``
 lm_head), and refuses, with a reason, every model where ``lm_head(backbone(...))`` would not be the
 model's logits: a LoRA-targeted lm_head (the adapter would be bypassed), a head that is not a plain
-``nn.Linear`` (quantized, custom), logit soft-capping or scaling, prompt-learning adapters, multimodal and
-encoder-decoder models.
+``nn.Linear`` (quantized, custom), prompt-learning adapters, multimodal and encoder-decoder models.
+
+Heads whose forward transforms the logits are split too, with the transform read from the config as
+the model applies it: soft-capping ``cap * tanh(logits / cap)`` (``final_logit_softcapping``: Gemma 2/3
+and others) and a multiplicative scale (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``,
+Falcon-H1's ``lm_head_multiplier``, ...). A scale attribute on a model type not in
+:data:`LOGIT_SCALES` is refused: the same attribute multiplies in one model and divides in another.
 """
 
 from __future__ import annotations
@@ -28,10 +33,25 @@ __all__ = [
     "lm_head_returns_hidden_states",
 ]
 
-# Config attributes of models whose forward changes the logits after the lm_head (the value that means
-# "no change" is None for soft-capping, 1 for scales): gemma2/3 and others, cohere, granite, falcon-h1.
-_LOGIT_SOFTCAPS = ("final_logit_softcapping",)
-_LOGIT_SCALES = ("logit_scale", "logits_scaling", "lm_head_multiplier")
+# How each model type's forward scales lm_head(hidden): (config attribute, +1 multiply / -1 divide), as
+# read in its transformers modeling file. The same attribute means different things in different models.
+LOGIT_SCALES: dict[str, tuple[str, int]] = {
+    "cohere": ("logit_scale", 1),
+    "cohere2": ("logit_scale", 1),
+    "cohere2_moe": ("logit_scale", 1),
+    "granite": ("logits_scaling", -1),
+    "granite_swa": ("logits_scaling", -1),
+    "granitemoe": ("logits_scaling", -1),
+    "granitemoe_swa": ("logits_scaling", -1),
+    "granitemoehybrid": ("logits_scaling", -1),
+    "granitemoeshared": ("logits_scaling", -1),
+    "minicpm3": ("logits_scaling", -1),  # divides the hidden states before a bias-free lm_head: the same
+    "hyperclovax": ("logits_scaling", 1),
+    "falcon_h1": ("lm_head_multiplier", 1),
+}
+# Soft-capping has one formula wherever it appears: cap * tanh(logits / cap).
+_LOGIT_SOFTCAP = "final_logit_softcapping"
+_SCALE_ATTRIBUTES = ("logit_scale", "logits_scaling", "lm_head_multiplier")
 
 # Batch keys that are the loss's, not the backbone's.
 _NOT_BACKBONE_INPUTS = frozenset(
@@ -57,6 +77,10 @@ class OutputHead:
 
     backbone: nn.Module
     head_module: nn.Module
+    logit_scale: float = 1.0
+    """The model multiplies ``lm_head(hidden)`` by this (Cohere, Granite's 1 / logits_scaling, ...)."""
+    logit_softcap: float | None = None
+    """Then soft-caps it: ``cap * tanh(logits / cap)`` (Gemma 2/3), or None."""
 
     @property
     def lm_head(self) -> nn.Linear:
@@ -128,19 +152,42 @@ def _refusal(model: nn.Module) -> str | None:
         text_config = get_text_config(decoder=True) if get_text_config is not None else config
         if text_config is not config:
             return f"{model_name} is multimodal; its forward merges non-text inputs before the decoder"
-        for name in _LOGIT_SOFTCAPS:
-            if getattr(config, name, None) is not None:
-                return f"{model_name} soft-caps its logits (config.{name}={getattr(config, name)})"
-    for name in _LOGIT_SCALES:
-        for owner, where in ((config, "config"), (model, "model")):
-            value = getattr(owner, name, None) if owner is not None else None
-            if value is not None and not (isinstance(value, (int, float)) and value == 1):
-                return f"{model_name} scales its logits ({where}.{name}={value})"
+    transform = _logit_transform(model)
+    if isinstance(transform, str):
+        return transform
 
     backbone = _backbone(model)
     if backbone is None or backbone is model or backbone is head_module:
         return f"{model_name} has no decoder separate from its head (get_decoder() or base_model_prefix)"
     return None
+
+
+def _logit_transform(model: nn.Module) -> tuple[float, float | None] | str:
+    """``(scale, softcap)`` the model's forward applies after its lm_head, or why it cannot be known."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    config = getattr(base, "config", None)
+    if config is None:
+        return 1.0, None
+    model_type = getattr(config, "model_type", None)
+    softcap = getattr(config, _LOGIT_SOFTCAP, None)
+    scale = 1.0
+    if model_type in LOGIT_SCALES:
+        attribute, direction = LOGIT_SCALES[model_type]
+        value = getattr(config, attribute, None)
+        scale = 1.0 if value is None else float(value) ** direction
+    else:
+        for name in _SCALE_ATTRIBUTES:
+            for owner, where in ((config, "config"), (base, "model")):
+                value = getattr(owner, name, None)
+                if isinstance(value, (int, float)) and value != 1:
+                    return (
+                        f"{type(base).__name__} scales its logits ({where}.{name}={value}), and how "
+                        f"{model_type!r} applies it is not known; add it to hf_shift_loss.heads.LOGIT_SCALES "
+                        "or use the eager loss"
+                    )
+    if softcap is not None and scale != 1.0:
+        return f"{type(base).__name__} both scales and soft-caps its logits; the order is not known"
+    return scale, None if softcap is None else float(softcap)
 
 
 def _backbone(model: nn.Module) -> nn.Module | None:
@@ -161,7 +208,10 @@ def get_output_head(model: nn.Module) -> OutputHead:
     reason = _refusal(model)
     if reason is not None:
         raise UnsupportedOutputHead(reason)
-    return OutputHead(backbone=_backbone(model), head_module=model.get_output_embeddings())
+    scale, softcap = _logit_transform(model)
+    return OutputHead(
+        _backbone(model), model.get_output_embeddings(), logit_scale=scale, logit_softcap=softcap
+    )
 
 
 def find_output_head(model: nn.Module) -> OutputHead | None:
@@ -193,27 +243,36 @@ def backbone_hidden_states(head: OutputHead, model_inputs: Mapping[str, Any]) ->
     return hidden.to(head.weight.device)
 
 
+class HiddenStates:
+    """What the lm_head received in the last forward pass: ``hidden`` ``[batch, seq, hidden]``."""
+
+    def __init__(self) -> None:
+        self.hidden: torch.Tensor | None = None
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.hidden = hidden
+        return hidden  # the model may scale or soft-cap it as "logits": nobody reads that
+
+
 @contextlib.contextmanager
-def lm_head_returns_hidden_states(head: OutputHead) -> Iterator[None]:
-    """Inside this block the model's lm_head is the identity: ``model(**batch).logits`` are the hidden states.
+def lm_head_returns_hidden_states(head: OutputHead) -> Iterator[HiddenStates]:
+    """Inside this block the model's lm_head records its input and returns it: no logits are computed.
 
     For models wrapped by DDP (or anything that must see the whole forward): call the wrapped model without
-    labels inside this block, then ``fused_linear_cross_entropy(outputs.logits, head.weight, labels)``. The
-    ``[batch, seq, vocab]`` logits are never computed.
+    labels inside this block, then ``fused_linear_cross_entropy(recorded.hidden, head.weight, labels,
+    logit_scale=head.logit_scale, logit_softcap=head.logit_softcap)``. The hidden states are taken where
+    the lm_head gets them, before any scale or soft-cap the model applies to its logits.
     """
     linear = head.lm_head
     # An instance attribute shadows nn.Linear.forward for this module only. accelerate's device hooks
     # (device_map="auto") also live in the instance's forward: keep and restore whatever is there.
     previous_forward = linear.__dict__.get("forward")
-    linear.forward = _identity
+    recorded = HiddenStates()
+    linear.forward = recorded
     try:
-        yield
+        yield recorded
     finally:
         if previous_forward is None:
             del linear.forward
         else:
             linear.forward = previous_forward
-
-
-def _identity(hidden: torch.Tensor) -> torch.Tensor:
-    return hidden

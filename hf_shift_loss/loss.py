@@ -11,7 +11,8 @@ training step, while shifting the labels copies a ``[batch, seq]`` integer tenso
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,22 @@ __all__ = [
     "reduce_token_losses",
     "validate_labels",
 ]
+
+
+class LogitTransform(NamedTuple):
+    """What a model does to ``lm_head(hidden)`` before the loss: ``softcap(scale * logits)``."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+
+def logit_transform(logit_scale: float = 1.0, logit_softcap: float | None = None) -> LogitTransform:
+    """Validated :class:`LogitTransform` (a positive finite scale, a positive cap or None)."""
+    if not (math.isfinite(logit_scale) and logit_scale > 0):
+        raise ValueError(f"logit_scale must be a positive finite number, got {logit_scale}")
+    if logit_softcap is not None and not (math.isfinite(logit_softcap) and logit_softcap > 0):
+        raise ValueError(f"logit_softcap must be a positive finite number or None, got {logit_softcap}")
+    return LogitTransform(float(logit_scale), None if logit_softcap is None else float(logit_softcap))
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -139,6 +156,8 @@ def causal_lm_loss(
     num_items_in_batch: torch.Tensor | int | float | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy over the trained tokens.
 
@@ -159,6 +178,9 @@ def causal_lm_loss(
             ``(1 - eps) * nll + eps * mean_v(-log p_v)``.
         z_loss: weight of ``logsumexp(logits) ** 2`` added per trained token (PaLM's z-loss), reduced
             like the cross-entropy.
+        logit_scale, logit_softcap: for raw ``lm_head`` outputs of a model that transforms them, the
+            loss is taken on ``cap * tanh(logit_scale * logits / cap)`` (no cap when None): Cohere and
+            Granite scale, Gemma 2 soft-caps. A model's own ``logits`` output is already transformed.
 
     Returns:
         A float32 scalar (``"mean"``, ``"sum"``) or a float32 tensor shaped like ``labels`` (``"none"``).
@@ -208,6 +230,11 @@ def causal_lm_loss(
 
     # Flatten to [tokens, vocab]; a view when the logits are contiguous, never a copy of the logits.
     flat_logits = logits.reshape(-1, vocab_size).float()
+    if logit_scale != 1.0 or logit_softcap is not None:
+        scale, softcap = logit_transform(logit_scale, logit_softcap)
+        flat_logits = flat_logits * scale
+        if softcap is not None:
+            flat_logits = softcap * torch.tanh(flat_logits / softcap)
     flat_targets = targets.reshape(-1)
     trained = flat_targets != ignore_index
 

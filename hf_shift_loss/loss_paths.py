@@ -112,14 +112,15 @@ class FusedLoss(_LossPath):
     ) -> LossResult:
         # The wrapped model is called, not its backbone, so DDP's hooks, peft and accelerate see the whole
         # forward; only the [batch, seq, vocab] logits are skipped.
-        with lm_head_returns_hidden_states(self.head):
+        with lm_head_returns_hidden_states(self.head) as recorded:
             outputs = model(**model_inputs)
-        hidden = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         result = fused_linear_cross_entropy(
-            hidden.to(self.head.weight.device),  # model parallel: the head may sit on another device
+            recorded.hidden.to(self.head.weight.device),  # model parallel: the head may sit elsewhere
             self.head.weight,
             targets,
             bias=self.head.bias,
+            logit_scale=self.head.logit_scale,
+            logit_softcap=self.head.logit_softcap,
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
             chunk_size=self.chunk_size,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 from torch import nn
-from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from hf_shift_loss.fused import fused_linear_cross_entropy
 from hf_shift_loss.heads import (
@@ -125,6 +125,8 @@ class ScaledLinear(nn.Linear):
         return super().forward(x) * 2
 
 
+
+
 def test_models_the_fused_loss_cannot_reproduce_are_refused() -> None:
     with pytest.raises(UnsupportedOutputHead, match="no get_output_embeddings"):
         get_output_head(NoHead())
@@ -135,22 +137,6 @@ def test_models_the_fused_loss_cannot_reproduce_are_refused() -> None:
         get_output_head(model)
     model.lm_head = ScaledLinear(32, VOCAB)
     assert find_output_head(model) is None
-
-    torch.manual_seed(0)
-    gemma = Gemma2ForCausalLM(
-        Gemma2Config(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            vocab_size=VOCAB,
-            final_logit_softcapping=30.0,
-        )
-    )
-    with pytest.raises(UnsupportedOutputHead, match="final_logit_softcapping=30.0"):
-        get_output_head(gemma)
 
 
 @pytest.mark.parametrize("attribute", ["logit_scale", "logits_scaling", "lm_head_multiplier"])
@@ -179,8 +165,9 @@ def test_lm_head_returns_hidden_states_inside_the_block() -> None:
     batch = make_batch(3)
     head = get_output_head(model)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    with lm_head_returns_hidden_states(head):
-        hidden = model(**inputs).logits
+    with lm_head_returns_hidden_states(head) as recorded:
+        model(**inputs)
+    hidden = recorded.hidden
     torch.testing.assert_close(hidden, backbone_hidden_states(head, batch))
     assert model(**inputs).logits.shape == (2, 12, VOCAB)  # restored
     loss = fused_linear_cross_entropy(hidden, head.weight, batch["labels"])
