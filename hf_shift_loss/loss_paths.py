@@ -41,12 +41,16 @@ class LossResult(NamedTuple):
     """Trained tokens whose argmax is the target (when asked), else None."""
     outputs: Any
     """The model's outputs (without logits on the fused path)."""
+    router_loss: torch.Tensor | None = None
+    """An MoE model's load-balancing loss times its ``router_aux_loss_coef``, as its own forward adds it
+    to the loss (None for dense models, or when the model does not output router logits)."""
 
 
 class _LossPath:
     """What both paths share: one call signature, the model's forward, then the path's own loss."""
 
     name: str
+    router_aux_loss_coef: float
 
     def __call__(
         self,
@@ -65,7 +69,11 @@ class _LossPath:
         also counts the trained tokens whose argmax is the target (for the logged token accuracy).
         """
         options = {"shift": shift, "reduction": reduction, "num_items_in_batch": num_items_in_batch}
-        return self._run(model, model_inputs, targets, options, count_correct)
+        result = self._run(model, model_inputs, targets, options, count_correct)
+        aux_loss = result.outputs.get("aux_loss") if isinstance(result.outputs, dict) else None
+        if aux_loss is None or not self.router_aux_loss_coef:
+            return result
+        return result._replace(router_loss=self.router_aux_loss_coef * aux_loss.to(result.loss.device))
 
     def _run(
         self, model: nn.Module, model_inputs: dict, targets: torch.Tensor, options: dict, count_correct: bool
@@ -79,6 +87,7 @@ class EagerLoss(_LossPath):
 
     label_smoothing: float = 0.0
     z_loss: float = 0.0
+    router_aux_loss_coef: float = 0.0
     reason: str = "loss_impl='eager'"
     name: str = "eager"
 
@@ -104,6 +113,7 @@ class FusedLoss(_LossPath):
     head: OutputHead
     label_smoothing: float = 0.0
     z_loss: float = 0.0
+    router_aux_loss_coef: float = 0.0
     chunk_size: int | None = None
     name: str = "fused"
 
@@ -149,7 +159,18 @@ def choose_loss_path(
     with the reason in ``EagerLoss.reason`` and one warning. ``sharded`` (FSDP) falls back too: the
     fused loss needs the full lm_head weight, which FSDP shards between forward passes.
     """
-    options = {"label_smoothing": label_smoothing, "z_loss": z_loss}
+    # MoE models add coef * load-balancing loss to their loss when they output router logits.
+    config = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model, "config", None)
+    coefficient = (
+        getattr(config, "router_aux_loss_coef", 0.0)
+        if getattr(config, "output_router_logits", False)
+        else 0.0
+    )
+    options = {
+        "label_smoothing": label_smoothing,
+        "z_loss": z_loss,
+        "router_aux_loss_coef": float(coefficient or 0.0),
+    }
     if loss_impl == "eager":
         return EagerLoss(**options)
     if sharded:

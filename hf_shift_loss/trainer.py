@@ -316,7 +316,7 @@ class ShiftLossTrainer(Trainer):
         path = self.loss_path(model)
         if not training and not self.args.prediction_loss_only:  # compute_metrics needs the logits
             path = EagerLoss(label_smoothing=self.args.label_smoothing_factor, z_loss=self.args.z_loss)
-        loss, correct, outputs = path(
+        loss, correct, outputs, router_loss = path(
             model,
             model_inputs,
             targets,
@@ -335,6 +335,8 @@ class ShiftLossTrainer(Trainer):
             loss = loss / getattr(self, "current_gradient_accumulation_steps", 1)
         else:
             loss = loss * self._data_parallel_scale()  # undo DDP's gradient mean: the count is global
+        if training and router_loss is not None:  # MoE: as the model adds it, averaged over micro-batches
+            loss = loss + router_loss / getattr(self, "current_gradient_accumulation_steps", 1)
         if training:
             self._loss_metrics.add(trained_tokens.sum(), correct)
         return (loss, outputs) if return_outputs else loss
