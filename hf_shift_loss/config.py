@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from hf_shift_loss.data.chat import DEFAULT_END_OF_TURN, DEFAULT_TRAIN_ROLES, EN
 from hf_shift_loss.data.encode import TRAIN_ON
 
 __all__ = ["ShiftLossArguments", "parse_config"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -167,7 +170,10 @@ class ShiftLossArguments(TrainingArguments):
     def from_training_arguments(cls, args: TrainingArguments | None) -> ShiftLossArguments:
         """``args`` as ``ShiftLossArguments``: the same values, and this class's defaults for the rest.
 
-        ``None`` gives the defaults with ``output_dir="trainer_output"``, as ``Trainer`` does.
+        ``None`` gives the defaults with ``output_dir="trainer_output"``, as ``Trainer`` does. Fields of a
+        ``TrainingArguments`` subclass (TRL's ``SFTConfig``) that mean the same here are carried over
+        (``max_length``, ``packing``, ``dataset_num_proc`` as ``num_proc``, ...); the others are named in
+        one warning, never dropped silently.
         """
         if isinstance(args, cls):
             return args
@@ -188,9 +194,27 @@ class ShiftLossArguments(TrainingArguments):
         for name in _CHANGED_DEFAULTS:
             if values.get(name) == base_defaults[name]:
                 del values[name]
+        ours = {f.name for f in dataclasses.fields(cls) if f.init}
+        ignored = []
+        for f in dataclasses.fields(args):
+            if not f.init or f.name in values or f.name.startswith("_") or f.name in base_defaults:
+                continue
+            name = _SAME_MEANING.get(f.name, f.name)
+            if name in ours:
+                values[name] = getattr(args, f.name)
+            elif getattr(args, f.name) != f.default:
+                ignored.append(f"{f.name}={getattr(args, f.name)!r}")
+        if ignored:
+            logger.warning(
+                "%s fields with no ShiftLossArguments equivalent are ignored: %s (see docs/migrating-from-trl.md)",
+                type(args).__name__,
+                ", ".join(ignored),
+            )
         return cls(**values)
 
 
+# Fields of TRL's SFTConfig that mean what another name means here.
+_SAME_MEANING = {"dataset_num_proc": "num_proc"}
 _CHANGED_DEFAULTS = ("remove_unused_columns", "prediction_loss_only", "ddp_find_unused_parameters")
 _CHOICES = {
     "packing_overflow": ("truncate", "split"),

@@ -207,3 +207,23 @@ def test_logged_truncation_and_drop_counts_are_exact_with_workers(tmp_path, work
     assert logged["data/kept_examples"] == 9
     nothing_cut, _ = _counts_logged(tmp_path, ROWS_WITH_CUTS[:3], workers, max_length=32)
     assert nothing_cut["data/truncated_tokens"] == 0 and nothing_cut["data/untrained_examples"] == 0
+
+
+def test_an_sft_config_is_converted_with_what_means_the_same_and_the_rest_named(tmp_path, caplog):
+    trl = pytest.importorskip("trl")
+    config = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        max_length=96,
+        packing=True,
+        dataset_num_proc=2,
+        completion_only_loss=False,
+        bf16=False,
+    )
+    with caplog.at_level("WARNING"):
+        args = ShiftLossArguments.from_training_arguments(config)
+    assert (args.max_length, args.packing, args.num_proc) == (96, True, 2)
+    assert args.learning_rate == config.learning_rate and args.remove_unused_columns is False
+    assert (
+        "SFTConfig fields with no ShiftLossArguments equivalent are ignored: completion_only_loss=False"
+        in caplog.text
+    )
