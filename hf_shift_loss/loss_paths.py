@@ -124,11 +124,12 @@ class FusedLoss(_LossPath):
         # forward; only the [batch, seq, vocab] logits are skipped.
         with lm_head_returns_hidden_states(self.head) as recorded:
             outputs = model(**model_inputs)
+        weight, bias = _unsharded(self.head.weight), _unsharded(self.head.bias)
         result = fused_linear_cross_entropy(
-            recorded.hidden.to(self.head.weight.device),  # model parallel: the head may sit elsewhere
-            self.head.weight,
+            recorded.hidden.to(weight.device),  # model parallel: the head may sit on another device
+            weight,
             targets,
-            bias=self.head.bias,
+            bias=bias,
             logit_scale=self.head.logit_scale,
             logit_softcap=self.head.logit_softcap,
             label_smoothing=self.label_smoothing,
@@ -143,6 +144,24 @@ class FusedLoss(_LossPath):
         return LossResult(loss, correct, outputs)
 
 
+def _unsharded(parameter: torch.Tensor | None) -> torch.Tensor | None:
+    """The full lm_head weight (or bias) when FSDP2 has sharded it (a DTensor), else the parameter itself.
+
+    FSDP2 reshards the parameters after the forward pass, so the loss gathers the weight itself. The
+    gather is differentiable: its backward reduce-scatters the weight gradient with the mean over ranks,
+    as FSDP2 reduces every other gradient (``Partial("avg")``); tied embeddings add up correctly.
+    """
+    if parameter is None:
+        return None
+    try:
+        from torch.distributed.tensor import DTensor, Partial
+    except ImportError:  # a torch built without distributed
+        return parameter
+    if not isinstance(parameter, DTensor):
+        return parameter
+    return parameter.full_tensor(grad_placements=[Partial("avg")] * parameter.device_mesh.ndim)
+
+
 def choose_loss_path(
     model: nn.Module,
     loss_impl: Literal["auto", "eager", "fused"],
@@ -150,14 +169,15 @@ def choose_loss_path(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     chunk_size: int | None = None,
-    sharded: bool = False,
+    fsdp_version: int | None = None,
 ) -> EagerLoss | FusedLoss:
     """The loss path for ``model`` (unwrapped from DDP/accelerate; peft models as they are).
 
     ``"eager"`` never fuses. ``"auto"`` and ``"fused"`` fuse when the model splits into a backbone and a
     plain linear head (:func:`hf_shift_loss.heads.get_output_head`); otherwise they fall back to eager,
-    with the reason in ``EagerLoss.reason`` and one warning. ``sharded`` (FSDP) falls back too: the
-    fused loss needs the full lm_head weight, which FSDP shards between forward passes.
+    with the reason in ``EagerLoss.reason`` and one warning. Under FSDP2 (``fsdp_version=2``) the fused
+    loss gathers the sharded lm_head weight itself (:func:`_unsharded`); FSDP1's flat parameters hide
+    the weight, so ``fsdp_version=1`` falls back to eager.
     """
     # MoE models add coef * load-balancing loss to their loss when they output router logits.
     config = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model, "config", None)
@@ -173,8 +193,8 @@ def choose_loss_path(
     }
     if loss_impl == "eager":
         return EagerLoss(**options)
-    if sharded:
-        reason = "FSDP shards the lm_head weight, and the fused loss needs the full weight"
+    if fsdp_version == 1:
+        reason = "FSDP1 flattens the lm_head weight into its flat parameter (use fsdp_version: 2)"
     else:
         try:
             return FusedLoss(get_output_head(model), chunk_size=chunk_size, **options)

@@ -287,9 +287,15 @@ class ShiftLossTrainer(Trainer):
                 label_smoothing=self.args.label_smoothing_factor,
                 z_loss=self.args.z_loss,
                 chunk_size=self.args.fused_chunk_size,
-                sharded=self.is_fsdp_enabled,
+                fsdp_version=self._fsdp_version(),
             )
         return self._loss_paths[id(unwrapped)]
+
+    def _fsdp_version(self) -> int | None:
+        if not self.is_fsdp_enabled:
+            return None
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        return int(getattr(plugin, "fsdp_version", 1) or 1)
 
     # ------------------------------------------------------------------ the loss
     def compute_loss(

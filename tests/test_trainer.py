@@ -279,14 +279,18 @@ def test_evaluate_with_the_fused_path_matches_eager(tmp_path):
     assert metrics["fused"]["eval_loss"] == pytest.approx(metrics["eager"]["eval_loss"], rel=1e-5)
 
 
-def test_fsdp_falls_back_to_eager_and_says_why(tmp_path, caplog):
+def test_fsdp1_falls_back_to_eager_and_says_why_fsdp2_fuses(tmp_path, caplog):
     model = tiny_llama()
     trainer = ShiftLossTrainer(model=model, args=make_args(tmp_path, loss_impl="fused"))
-    trainer.is_fsdp_enabled = True  # what Trainer sets under an FSDP accelerate config
+    trainer.is_fsdp_enabled = True  # what Trainer sets under an FSDP accelerate config (version 1 here)
     with caplog.at_level("WARNING"):
         assert trainer.loss_path(model).name == "eager"
         assert trainer.loss_path(model).name == "eager"
-    assert caplog.text.count("FSDP shards the lm_head weight") == 1
+    assert caplog.text.count("FSDP1 flattens the lm_head weight") == 1
+    fsdp2 = ShiftLossTrainer(model=tiny_llama(), args=make_args(tmp_path, loss_impl="fused"))
+    fsdp2.is_fsdp_enabled = True
+    fsdp2._fsdp_version = lambda: 2  # the sharded weight is gathered by the loss (2-rank test in test_fsdp.py)
+    assert fsdp2.loss_path(fsdp2.model).name == "fused"
 
 
 @pytest.mark.parametrize("loss_impl", ["eager", "fused"])

@@ -97,11 +97,12 @@ def main() -> None:
     parser.add_argument("--average-tokens-across-devices", type=int, default=1)
     parser.add_argument("--learning-rate", type=float, default=1.0)
     parser.add_argument("--loss-impl", choices=["eager", "fused"], default="eager")
+    parser.add_argument("--tie", action="store_true", help="tie the lm_head to the input embeddings")
     options = parser.parse_args()
     os.makedirs(options.out, exist_ok=True)
 
     examples = make_examples()
-    model = tiny_llama(VOCAB_SIZE)
+    model = tiny_llama(VOCAB_SIZE, tie_word_embeddings=options.tie)
     before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
     loss_sums, trained_counts = example_losses(model, examples)
 
@@ -136,9 +137,14 @@ def main() -> None:
     rank = trainer.accelerator.process_index
     with open(os.path.join(options.out, f"rank{rank}_batches.json"), "w") as file:
         json.dump(collator.batches, file)
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    # Under FSDP2 the parameters are DTensor shards: every rank takes part in gathering them.
+    after = {
+        name: parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
+        for name, parameter in trained.named_parameters()
+    }
     if trainer.accelerator.is_main_process:
-        trained = trainer.accelerator.unwrap_model(trainer.model)
-        update = {name: parameter.detach() - before[name] for name, parameter in trained.named_parameters()}
+        update = {name: parameter.detach() - before[name] for name, parameter in after.items()}
         torch.save(update, os.path.join(options.out, "update.pt"))
         logged = [entry for entry in trainer.state.log_history if "loss" in entry]
         result = {
