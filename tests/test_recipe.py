@@ -7,6 +7,8 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
+import warnings
 
 import pytest
 import sft  # recipes/ is on sys.path (tests/conftest.py)
@@ -128,6 +130,51 @@ def test_prompt_completion_rows_become_messages_with_a_fixed_split(tmp_path):
     assert held_out[1] == ROWS[-1] and train.column_names == ["prompt", "completion"]
 
 
+def test_the_conversion_is_the_package_s_shared_with_the_inspector(tmp_path):
+    from hf_shift_loss.data.formats import prompt_completion_to_messages
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    train, _, _ = sft.load_splits(recipe_for(path))
+    assert list(train) == [prompt_completion_to_messages(row) for row in ROWS[:3]]
+    assert not hasattr(sft, "as_messages")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({}, ["smollm2_source()", "load_model(directory, gguf_file=gguf_file)", "PeftModel.from_pretrained"]),
+        ({"model_name_or_path": "/m", "gguf_file": "x.gguf"}, ['load_model("/m", gguf_file="x.gguf")']),
+        ({"model_name_or_path": "org/model"}, ["AutoPeftModelForCausalLM.from_pretrained"]),
+        ({"tiny": {"hidden_size": 32, "seed": 3}}, ["hidden_size=32, intermediate_size=64, seed=3"]),
+        ({"adapter": False}, ["AutoModelForCausalLM.from_pretrained"]),
+    ],
+)
+def test_load_back_code_is_valid_python_for_every_kind_of_run(kwargs, expected):
+    from sft_models import load_back_code
+
+    code = load_back_code("out", **{"adapter": True, **kwargs})
+    compile(code, "load_back", "exec")
+    assert f'load_tokenizer("{os.path.abspath("out")}")' in code
+    assert all(fragment in code for fragment in expected), code
+
+
+@pytest.mark.slow
+def test_an_adapter_of_the_gguf_model_saves_without_warnings(tmp_path):
+    # The rebuilt GGUF model has no checkpoint directory: no name_or_path for peft to look up when saving.
+    from peft import LoraConfig, get_peft_model
+    from sft_models import load_model
+
+    directory, gguf_file = sft.smollm2_source()
+    model = load_model(directory, gguf_file=gguf_file)
+    assert model.name_or_path == ""
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.save_pretrained(str(tmp_path))
+    assert [str(warning.message) for warning in caught] == []
+
+
 def test_relative_data_path_resolves_from_the_repository_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _, _, source = sft.load_splits(recipe_for("recipes/data/humaneval_sft.jsonl"))
@@ -208,6 +255,12 @@ def test_tiny_recipe_trains_evaluates_and_saves_a_loadable_adapter(tmp_path):
     assert after < before
     assert re.search(r"eval loss relative change: -\d", out)
     assert "--- sample after training (first held-out row) ---" in out
+    assert "Could not find a config file" not in completed.stderr
+    # The printed lines load the adapter back, as printed.
+    code = textwrap.dedent(out.split("load them:\n", 1)[1].split("wall time:")[0])
+    namespace: dict = {}
+    exec(code, namespace)
+    assert type(namespace["model"]).__name__ == "PeftModelForCausalLM"
     results = json.loads((output_dir / "recipe_results.json").read_text())
     assert results["before"]["eval_loss"] == pytest.approx(before, abs=1e-4)
     assert results["after"]["eval_loss"] == pytest.approx(after, abs=1e-4)
