@@ -289,7 +289,9 @@ def test_fsdp1_falls_back_to_eager_and_says_why_fsdp2_fuses(tmp_path, caplog):
     assert caplog.text.count("FSDP1 flattens the lm_head weight") == 1
     fsdp2 = ShiftLossTrainer(model=tiny_llama(), args=make_args(tmp_path, loss_impl="fused"))
     fsdp2.is_fsdp_enabled = True
-    fsdp2._fsdp_version = lambda: 2  # the sharded weight is gathered by the loss (2-rank test in test_fsdp.py)
+    fsdp2._fsdp_version = lambda: (
+        2
+    )  # the sharded weight is gathered by the loss (2-rank test in test_fsdp.py)
     assert fsdp2.loss_path(fsdp2.model).name == "fused"
 
 
