@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from typing import Any
 
 import datasets
@@ -448,7 +449,12 @@ def _apply_peft(model: nn.Module, peft_config: Any, gradient_checkpointing: bool
         raise ValueError("the model is already a PeftModel; pass peft_config=None or the base model")
     if gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed LoRA needs inputs that require grad
-    return get_peft_model(model, peft_config)
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers' deprecated alias; nothing the user can change.
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning
+        )
+        return get_peft_model(model, peft_config)
 
 
 def _metrics_file(process_index: int) -> str:

@@ -141,3 +141,23 @@ def test_a_chat_answer_cut_from_the_right_is_counted():
     )
     stats = prepared.stats
     assert stats.truncated_completions == 1 and stats.truncated_examples == 1 and stats.truncated_tokens > 0
+
+
+def test_a_changed_encoder_never_reads_a_stale_datasets_cache(tmp_path, monkeypatch):
+    """datasets caches map() by a fingerprint that names the Encoder class but not its code."""
+    import json
+
+    from hf_shift_loss.data import prepare as prepare_module
+    from hf_shift_loss.data.load import load_data
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text(
+        "\n".join(json.dumps({"prompt": "where is the capital", "completion": "Beijing"}) for _ in range(4))
+    )
+    dataset = load_data(str(path))  # file-backed: map() results are cached on disk
+    first = prepare_dataset(dataset, Encoder(word_tokenizer(), max_length=8)).dataset
+    again = prepare_dataset(dataset, Encoder(word_tokenizer(), max_length=8)).dataset
+    assert again._fingerprint == first._fingerprint and first.cache_files  # the cache is used...
+    monkeypatch.setattr(prepare_module, "_code_version", lambda: "another version of the encoder's code")
+    changed = prepare_dataset(dataset, Encoder(word_tokenizer(), max_length=8)).dataset
+    assert changed._fingerprint != first._fingerprint  # ...but not across a code change

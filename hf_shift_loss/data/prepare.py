@@ -10,12 +10,16 @@ not known in advance, and each dropped row is logged as it happens.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
+import os
 from dataclasses import dataclass, replace
 from typing import Any
 
 import datasets
 import numpy as np
+from datasets.fingerprint import Hasher
 
 from hf_shift_loss.data.encode import Encoder, detect_format
 from hf_shift_loss.data.pack import Overflow, pack_rows
@@ -90,9 +94,16 @@ def prepare_dataset(
         # Long rows reach the packer whole; it splits them instead of the encoder cutting them.
         encoder = replace(encoder, max_length=None)
     streamed = isinstance(dataset, datasets.IterableDataset)
-    map_options: dict[str, Any] = (
-        {} if streamed else {"num_proc": num_proc, "desc": f"Encoding the {name} set"}
-    )
+    map_options: dict[str, Any] = {}
+    if not streamed:
+        # datasets fingerprints a function by pickling it, which names the Encoder class but not its
+        # code: with the code's own hash in the fingerprint, a changed encoder never reads a stale cache.
+        fingerprint = Hasher.hash([dataset._fingerprint, Hasher.hash(encoder), _code_version()])
+        map_options = {
+            "num_proc": num_proc,
+            "desc": f"Encoding the {name} set",
+            "new_fingerprint": fingerprint,
+        }
     encoded = dataset.map(encoder, with_indices=True, remove_columns=columns, **map_options)
 
     stats = None if streamed else _count(encoded, name, on_untrained, vocab_size)
@@ -116,6 +127,7 @@ def prepare_dataset(
                 remove_columns=encoded.column_names,
                 fn_kwargs=pack_options,
                 desc=f"Packing the {name} set",
+                new_fingerprint=Hasher.hash([encoded._fingerprint, pack_options, _code_version()]),
             )
             stats.packed_rows = len(encoded)
             stats.packed_capacity = len(encoded) * max_length
@@ -136,6 +148,17 @@ def check_token_ids(input_ids: list[int], labels: list[int], vocab_size: int, wh
                     f"{vocab_size} rows; the tokenizer does not match the model (after adding tokens, call "
                     "model.resize_token_embeddings(len(tokenizer)))"
                 )
+
+
+@functools.cache
+def _code_version() -> str:
+    """A hash of the data path's source code (the modules whose output the datasets cache keeps)."""
+    digest = hashlib.sha256()
+    for module in sorted(("encode", "chat", "pack", "stats", "prepare")):
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{module}.py")
+        with open(path, "rb") as file:
+            digest.update(file.read())
+    return digest.hexdigest()
 
 
 def _count(encoded: datasets.Dataset, name: str, on_untrained: str, vocab_size: int | None) -> DataStats:
