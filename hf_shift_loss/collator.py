@@ -38,7 +38,9 @@ class PromptMaskingCollator:
         on_untrained: an example with no trained token is ``"drop"``-ped from its batch (counted in
             :attr:`stats`, warned once) or ``"raise"``-s a ValueError naming it.
 
-    Example (the article's 13-token example, with a word-level tokenizer):
+    Examples:
+        The article's 13-token example, with a word-level tokenizer:
+
         >>> from tokenizers import Tokenizer, models, pre_tokenizers
         >>> from transformers import PreTrainedTokenizerFast
         >>> words = "<pad> <bos> <eos> <sep> where is the capital of China The Beijing".split()

@@ -42,7 +42,7 @@ class ShiftLossArguments(TrainingArguments):
     columns; prepared datasets only hold what the batcher uses), ``prediction_loss_only=True``
     (evaluation does not gather ``[batch, seq, vocab]`` logits) and ``ddp_find_unused_parameters=False``.
 
-    Example:
+    Examples:
         >>> args = ShiftLossArguments(output_dir="out", max_length=512, packing=True, train_on="last_turn")
         >>> args.max_length, args.packing, args.train_on, args.train_roles, args.loss_impl
         (512, True, 'last_turn', ['assistant'], 'auto')
@@ -234,7 +234,7 @@ def parse_config(
     when ``--config`` is absent. An unknown key, in the file or on the command line, exits with status 2
     and the closest valid names ("did you mean").
 
-    Example:
+    Examples:
         >>> from dataclasses import dataclass
         >>> @dataclass
         ... class Job:

@@ -164,7 +164,7 @@ def _chunk_loop(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    rows: torch.Tensor,
+    rows: torch.Tensor | None,
     targets: torch.Tensor,
     chunk_size: int,
     needs_grad: tuple[bool, bool, bool],
@@ -173,7 +173,8 @@ def _chunk_loop(
 ) -> _GradientAccumulator | None:
     """The one loop over chunks of trained rows, serving the forward and the backward recompute.
 
-    For each chunk of ``rows`` (indices into ``hidden``) it writes the chunk's float32 logits
+    For each chunk of ``rows`` (indices into ``hidden``; None: every row of ``hidden`` in order, each
+    chunk a slice of ``hidden``, as the sync-free mode runs) it writes the chunk's float32 logits
     ``[rows, V]`` into a buffer reused by every chunk (:func:`_chunk_logits`) and calls
     ``visit(span, logits, chunk_targets)``, where ``span`` is the chunk's slice of ``rows``/``targets``.
     ``visit`` may overwrite ``logits`` in place and returns d(loss)/d(logits) of the chunk (float32
@@ -185,7 +186,7 @@ def _chunk_loop(
         The gradients wrt ``hidden``, ``weight`` and ``bias`` accumulated over the chunks, or None when
         ``needs_grad`` is all False (then nothing is allocated for them).
     """
-    num_trained = rows.shape[0]
+    num_trained = hidden.shape[0] if rows is None else rows.shape[0]
     vocab_size = weight.shape[0]
     rows_per_chunk = max(1, min(chunk_size, num_trained))
     logits_buffer = torch.empty(rows_per_chunk, vocab_size, dtype=torch.float32, device=hidden.device)
@@ -195,14 +196,20 @@ def _chunk_loop(
         else None
     )
     grads = (
-        _GradientAccumulator(hidden, weight, bias, needs_grad, rows_per_chunk) if any(needs_grad) else None
+        _GradientAccumulator(hidden, weight, bias, needs_grad, rows_per_chunk if rows is not None else 0)
+        if any(needs_grad)
+        else None
     )
     # Soft-capping needs tanh(z / cap) again for the gradient, after the loss overwrote the logits.
     tanh_buffer = torch.empty_like(logits_buffer) if transform.softcap is not None else None
     for start in range(0, num_trained, rows_per_chunk):
         end = min(start + rows_per_chunk, num_trained)
-        chunk_rows = rows[start:end]
-        hidden_rows = hidden.index_select(0, chunk_rows)
+        if rows is None:
+            chunk_rows = slice(start, end)
+            hidden_rows = hidden[start:end]  # a view: no copy
+        else:
+            chunk_rows = rows[start:end]
+            hidden_rows = hidden.index_select(0, chunk_rows)
         logits = logits_buffer[: end - start]
         low_precision_logits = None if low_precision_buffer is None else low_precision_buffer[: end - start]
         _chunk_logits(hidden_rows, weight, bias, logits, low_precision_logits)
@@ -221,10 +228,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     forward inputs: ``hidden`` ``[positions, H]`` (all positions; rows are gathered per chunk so no
     ``[trained, H]`` copy is made), ``weight`` ``[V, H]``, ``bias`` ``[V]`` or None, ``rows`` ``[trained]``
-    int64 indices into ``hidden``, ``targets`` ``[trained]``.
+    int64 indices into ``hidden``, ``targets`` ``[trained]``, ``trained`` None.
+
+    Sync-free mode (``rows`` None): every row of ``hidden`` is processed, ``targets`` ``[positions]`` holds
+    an in-range id everywhere, and ``trained`` ``[positions]`` (bool) says which rows count: the others get
+    a loss of exactly 0 and a zero gradient (their upstream gradient is replaced by 0), with no
+    data-dependent shape or host sync, so that the whole computation traces under
+    ``torch.compile(fullgraph=True)``.
 
     forward outputs: the float32 loss (the sum over trained tokens when ``per_token`` is False, else the
-    ``[trained]`` losses) and the 0-dim int64 number of correct argmax predictions (if ``count_correct``).
+    ``[trained]`` losses, ``[positions]`` in sync-free mode) and the 0-dim int64 number of correct argmax
+    predictions (if ``count_correct``).
 
     forward and backward run the same :func:`_chunk_loop`; they differ only in what they do with a
     chunk's logits.
@@ -236,8 +250,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         hidden: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
-        rows: torch.Tensor,
+        rows: torch.Tensor | None,
         targets: torch.Tensor,
+        trained: torch.Tensor | None,
         chunk_size: int,
         label_smoothing: float,
         z_loss: float,
@@ -246,24 +261,29 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         count_correct: bool,
         needs_grad: tuple[bool, bool, bool],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        num_trained = rows.shape[0]
+        num_rows = targets.shape[0]
         device = hidden.device
         # Scalar loss: gradients now, while the logits are in memory (module docstring, point 3).
         grads_in_forward = not per_token and any(needs_grad)
+        # Sync-free mode: a 0/1 factor per row, the upstream gradient of its token in the forward pass.
+        row_weights = None if trained is None else trained.to(torch.float32)
 
         summed_loss = torch.zeros((), dtype=torch.float32, device=device)
-        token_losses = torch.empty(num_trained if per_token else 0, dtype=torch.float32, device=device)
-        log_partitions = torch.empty(num_trained if per_token else 0, dtype=torch.float32, device=device)
+        token_losses = torch.empty(num_rows if per_token else 0, dtype=torch.float32, device=device)
+        log_partitions = torch.empty(num_rows if per_token else 0, dtype=torch.float32, device=device)
         correct_tokens = torch.zeros((), dtype=torch.int64, device=device)
 
         def losses_of_chunk(
             span: slice, logits: torch.Tensor, chunk_targets: torch.Tensor
         ) -> torch.Tensor | None:
             if count_correct:
-                correct_tokens.add_((logits.argmax(dim=1) == chunk_targets).sum())
+                hits = logits.argmax(dim=1) == chunk_targets
+                correct_tokens.add_((hits if trained is None else hits & trained[span]).sum())
             losses, log_partition, exp_sum = _token_losses_and_softmax_(
                 logits, chunk_targets, label_smoothing, z_loss
             )
+            if trained is not None:
+                losses = torch.where(trained[span], losses, torch.zeros_like(losses))
             if per_token:
                 token_losses[span] = losses
                 log_partitions[span] = log_partition
@@ -271,7 +291,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 summed_loss.add_(losses.sum())
             if not grads_in_forward:
                 return None
-            return _grad_logits_(logits, chunk_targets, log_partition, exp_sum, None, label_smoothing, z_loss)
+            row_scale = None if row_weights is None else row_weights[span]
+            return _grad_logits_(
+                logits, chunk_targets, log_partition, exp_sum, row_scale, label_smoothing, z_loss
+            )
 
         grads = _chunk_loop(
             hidden,
@@ -287,32 +310,45 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
         ctx.mark_non_differentiable(correct_tokens)
         ctx.per_token = per_token
+        ctx.sync_free = trained is not None
         ctx.input_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.options = (chunk_size, label_smoothing, z_loss, transform, needs_grad)
+        gradients = (None, None, None) if grads is None else (grads.hidden, grads.weight, grads.bias)
         if per_token:
-            ctx.save_for_backward(hidden, weight, bias, rows, targets, log_partitions)
+            ctx.save_for_backward(hidden, weight, bias, rows, targets, trained, log_partitions)
+        elif ctx.sync_free:
+            # Saved tensors, not a ctx attribute: what torch.compile traces (and autograd's own version
+            # check refuses a second backward through the in-place scaled buffers).
+            ctx.save_for_backward(*gradients)
         else:
-            ctx.gradients = (None, None, None) if grads is None else (grads.hidden, grads.weight, grads.bias)
+            ctx.gradients = gradients
         return (token_losses if per_token else summed_loss), correct_tokens
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_correct: torch.Tensor | None):
-        no_grad_for_options = (None,) * 9
+        no_grad_for_options = (None,) * 10
         if not ctx.per_token:
-            if ctx.gradients is None:
+            if ctx.sync_free:
+                gradients = ctx.saved_tensors
+            elif ctx.gradients is None:
                 raise RuntimeError(
                     "fused_linear_cross_entropy: backward through the same loss twice is not supported "
                     "(its gradients are computed in forward and handed out once); recompute the loss."
                 )
-            grad_hidden, grad_weight, grad_bias = ctx.gradients
-            ctx.gradients = None
-            # In place: these buffers are handed to autograd exactly once (checked above).
-            scaled = [None if g is None else g.mul_(grad_loss) for g in (grad_hidden, grad_weight, grad_bias)]
+            else:
+                gradients = ctx.gradients
+                ctx.gradients = None
+            # In place: these buffers are handed to autograd exactly once (checked above; in sync-free mode
+            # a second backward fails autograd's version check of the saved tensors).
+            scaled = [None if g is None else g.mul_(grad_loss) for g in gradients]
             return (*_to_dtypes(scaled, ctx.input_dtypes), *no_grad_for_options)
 
-        hidden, weight, bias, rows, targets, log_partitions = ctx.saved_tensors
+        hidden, weight, bias, rows, targets, trained, log_partitions = ctx.saved_tensors
         chunk_size, label_smoothing, z_loss, transform, needs_grad = ctx.options
         grad_loss = grad_loss.float()
+        if trained is not None:
+            # Untrained rows get exactly 0, whatever their upstream gradient (even inf or NaN).
+            grad_loss = torch.where(trained, grad_loss, torch.zeros_like(grad_loss))
 
         def grad_of_chunk(span: slice, logits: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
             # The forward's logsumexp is reused: softmax = exp(logits - lse), one pass fewer than forward.
@@ -351,6 +387,7 @@ class _GradientAccumulator:
         needs_grad: tuple[bool, bool, bool],
         rows_per_chunk: int,
     ) -> None:
+        """``rows_per_chunk``: rows of the ``[rows, H]`` scratch for gathered rows (0: chunks are slices)."""
         hidden_needs_grad, weight_needs_grad, bias_needs_grad = needs_grad
         self.weight_tensor = weight
         self.hidden = torch.zeros_like(hidden) if hidden_needs_grad else None
@@ -366,7 +403,7 @@ class _GradientAccumulator:
         )
         self.hidden_rows_grad = (
             torch.empty(rows_per_chunk, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
-            if hidden_needs_grad
+            if hidden_needs_grad and rows_per_chunk > 0
             else None
         )
         self.upcast_on_cpu = weight.device.type == "cpu"
@@ -383,15 +420,21 @@ class _GradientAccumulator:
         grad_logits: torch.Tensor,
         low_precision_logits: torch.Tensor | None,
         hidden_rows: torch.Tensor,
-        chunk_rows: torch.Tensor,
+        chunk_rows: torch.Tensor | slice,
     ) -> None:
-        """Add one chunk: ``grad_logits`` float32 ``[rows, V]``, ``hidden_rows`` ``[rows, H]``."""
+        """Add one chunk: ``grad_logits`` float32 ``[rows, V]``, ``hidden_rows`` ``[rows, H]``.
+
+        ``chunk_rows``: the chunk's row indices into ``hidden``, or its slice of ``hidden`` (sync-free mode:
+        the gradient is then written in place, without the scratch).
+        """
         weight = self.weight_tensor
         matmul_grad = grad_logits
         if low_precision_logits is not None:
             # The matmuls run in the weight's dtype, as eager autograd does for a bfloat16 lm_head.
             matmul_grad = low_precision_logits.copy_(grad_logits)
-        if self.hidden is not None:
+        if self.hidden is not None and isinstance(chunk_rows, slice):
+            torch.mm(matmul_grad, weight, out=self.hidden[chunk_rows])
+        elif self.hidden is not None:
             hidden_rows_grad = self.hidden_rows_grad[: grad_logits.shape[0]]
             torch.mm(matmul_grad, weight, out=hidden_rows_grad)
             self.hidden.index_copy_(0, chunk_rows, hidden_rows_grad)
@@ -449,6 +492,7 @@ def fused_linear_cross_entropy(
     logit_softcap: float | None = ...,
     chunk_size: int | None = ...,
     return_correct: Literal[False] = ...,
+    sync_free: bool = ...,
 ) -> torch.Tensor: ...
 
 
@@ -469,6 +513,7 @@ def fused_linear_cross_entropy(
     logit_softcap: float | None = ...,
     chunk_size: int | None = ...,
     return_correct: Literal[True],
+    sync_free: bool = ...,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -489,6 +534,7 @@ def fused_linear_cross_entropy(
     logit_softcap: float | None = ...,
     chunk_size: int | None = ...,
     return_correct: bool,
+    sync_free: bool = ...,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -508,6 +554,7 @@ def fused_linear_cross_entropy(
     logit_softcap: float | None = None,
     chunk_size: int | None = None,
     return_correct: bool = False,
+    sync_free: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``causal_lm_loss(hidden @ weight.T + bias, labels, ...)`` without materializing the logits.
 
@@ -527,6 +574,13 @@ def fused_linear_cross_entropy(
             under min(256 MiB, a quarter of the weight gradient)).
         return_correct: also return the number of trained positions whose argmax over the logits equals
             the target, counted chunk by chunk while the logits exist (no extra matmul).
+        sync_free: process every position (fixed shapes, chunks of ``chunk_size`` positions), the untrained
+            ones masked inside the kernel (a loss of exactly 0 and zero gradients), with no host sync and
+            no data-dependent shape or Python branch: the mode for ``torch.compile(fullgraph=True)`` and
+            CUDA graphs. The results equal the default mode's (up to float summation order). The price:
+            untrained positions cost the FLOPs of trained ones, and labels are not validated: a label
+            outside ``[0, vocab)`` that is not ``ignore_index`` is NOT reported, it is treated as
+            ``ignore_index`` (no loss, no gradient, not counted by ``"mean"`` nor by ``return_correct``).
 
     Returns:
         The loss: a float32 scalar (``"mean"``, ``"sum"``) or a float32 tensor shaped like ``labels``
@@ -536,13 +590,14 @@ def fused_linear_cross_entropy(
 
     Raises:
         ValueError: shapes or dtypes do not match, a label is outside ``[0, vocab)`` and is not
-            ``ignore_index``, or an option is out of range.
+            ``ignore_index`` (not checked with ``sync_free=True``), or an option is out of range.
 
     Host syncs: validating the labels (one ``.any()``, as ``causal_lm_loss``) and selecting the trained
     rows (``nonzero`` needs their count to size the chunks): two small syncs per call, the price of
-    skipping untrained positions entirely.
+    skipping untrained positions entirely. ``sync_free=True`` has none (all checks then are on shapes,
+    dtypes and options, known without reading a tensor).
 
-    Example:
+    Examples:
         One sequence of 4 positions, hidden size 2, vocabulary 3; the first two tokens are the prompt,
         so positions 1 and 2 are trained (to predict tokens 1 and 2; the argmax gets the first right):
 
@@ -563,6 +618,17 @@ def fused_linear_cross_entropy(
         >>> loss.backward()
         >>> hidden.grad.shape
         torch.Size([1, 4, 2])
+
+        The sync-free mode gives the same loss and gradients, computed over all 4 positions:
+
+        >>> hidden_grad = hidden.grad.clone()
+        >>> hidden.grad = None
+        >>> loss = fused_linear_cross_entropy(hidden, weight, labels, sync_free=True)
+        >>> print(f"{loss.item():.4f}")
+        1.0671
+        >>> loss.backward()
+        >>> bool(torch.allclose(hidden.grad, hidden_grad))
+        True
     """
     _check_reduction(reduction, label_smoothing, z_loss)
     transform = logit_transform(logit_scale, logit_softcap)
@@ -574,6 +640,29 @@ def fused_linear_cross_entropy(
     # Model parallelism: the batch may live on another device than the lm_head's input.
     labels = labels.to(device=hidden.device, dtype=torch.long)
     targets = shift_labels(labels, ignore_index) if shift else labels
+    grad_enabled = torch.is_grad_enabled()
+    needs_grad = (
+        grad_enabled and hidden.requires_grad,
+        grad_enabled and weight.requires_grad,
+        grad_enabled and bias is not None and bias.requires_grad,
+    )
+    per_token = reduction == "none"
+    if sync_free:
+        return _sync_free_loss(
+            hidden,
+            weight,
+            bias,
+            targets,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            num_items_in_batch=num_items_in_batch,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            transform=transform,
+            chunk_size=chunk_size,
+            return_correct=return_correct,
+            needs_grad=needs_grad,
+        )
     validate_labels(targets, vocab_size, ignore_index)
 
     flat_targets = targets.reshape(-1)
@@ -584,19 +673,13 @@ def fused_linear_cross_entropy(
     if chunk_size is None:
         chunk_size = default_chunk_size(num_trained, vocab_size, hidden_size)
 
-    grad_enabled = torch.is_grad_enabled()
-    needs_grad = (
-        grad_enabled and hidden.requires_grad,
-        grad_enabled and weight.requires_grad,
-        grad_enabled and bias is not None and bias.requires_grad,
-    )
-    per_token = reduction == "none"
     loss, correct_tokens = _ChunkedLinearCrossEntropy.apply(
         hidden.reshape(-1, hidden_size),
         weight,
         bias,
         rows,
         flat_targets.index_select(0, rows),
+        None,
         chunk_size,
         float(label_smoothing),
         float(z_loss),
@@ -608,6 +691,58 @@ def fused_linear_cross_entropy(
     if per_token:
         token_losses = torch.zeros(flat_targets.shape[0], dtype=torch.float32, device=hidden.device)
         loss = token_losses.index_copy(0, rows, loss).view(targets.shape)
+    else:
+        loss = reduce_token_losses(loss, trained, reduction, num_items_in_batch)
+    return (loss, correct_tokens) if return_correct else loss
+
+
+def _sync_free_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int,
+    reduction: Reduction,
+    num_items_in_batch: torch.Tensor | int | float | None,
+    label_smoothing: float,
+    z_loss: float,
+    transform: LogitTransform,
+    chunk_size: int | None,
+    return_correct: bool,
+    needs_grad: tuple[bool, bool, bool],
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``fused_linear_cross_entropy(..., sync_free=True)``: every position, masked inside the kernel.
+
+    Shapes depend only on the input shapes and the Python options, never on the labels' values: no
+    ``nonzero``, no ``.any()``, no ``.item()``; a position is trained when its target is in
+    ``[0, vocab)`` and not ``ignore_index``, and its gather index is clamped to 0 otherwise.
+    """
+    vocab_size, hidden_size = weight.shape
+    flat_targets = targets.reshape(-1)
+    trained = (flat_targets != ignore_index) & (flat_targets >= 0) & (flat_targets < vocab_size)
+    gather_targets = torch.where(trained, flat_targets, torch.zeros_like(flat_targets))
+    flat_hidden = hidden.reshape(-1, hidden_size)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(flat_hidden.shape[0], vocab_size, hidden_size)
+    per_token = reduction == "none"
+    loss, correct_tokens = _ChunkedLinearCrossEntropy.apply(
+        flat_hidden,
+        weight,
+        bias,
+        None,
+        gather_targets,
+        trained,
+        chunk_size,
+        float(label_smoothing),
+        float(z_loss),
+        transform,
+        per_token,
+        return_correct,
+        needs_grad,
+    )
+    if per_token:
+        loss = loss.view(targets.shape)
     else:
         loss = reduce_token_losses(loss, trained, reduction, num_items_in_batch)
     return (loss, correct_tokens) if return_correct else loss

@@ -140,7 +140,7 @@ def length_bin_edges(low: int, high: int, bins: int = 25) -> list[int]:
     first edge is ``low`` rounded down to the width, the last lies above ``high`` (bins are
     ``[edge, next edge)``).
 
-    Example:
+    Examples:
         >>> length_bin_edges(83, 372)[:3], length_bin_edges(83, 372)[-1]
         ([80, 100, 120], 380)
         >>> length_bin_edges(5, 7)
@@ -514,7 +514,7 @@ def inspect_dataset(
         The :class:`InspectionReport`. An example that fails to encode is counted and its error kept
         (the first ``max_errors_kept``), not raised: finding such examples is what inspection is for.
 
-    Example:
+    Examples:
         >>> from transformers import AutoTokenizer  # doctest: +SKIP
         >>> tokenizer = AutoTokenizer.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")  # doctest: +SKIP
         >>> rows = [{"prompt": "Q: 2+2=", "completion": " 4"},

@@ -189,7 +189,7 @@ def causal_lm_loss(
         ValueError: ``labels`` does not match ``logits.shape[:-1]``, a label is outside
             ``[0, vocab)`` and is not ``ignore_index``, or an option is out of range.
 
-    Example:
+    Examples:
         With ``shift=False`` it is ``torch.nn.CrossEntropyLoss()(logits, labels)``; three tokens, three
         classes, the second token not trained:
 

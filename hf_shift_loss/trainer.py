@@ -69,7 +69,7 @@ class ShiftLossTrainer(Trainer):
         peft_config: a peft config (e.g. ``LoraConfig``) applied to the model.
         **kwargs: the other ``Trainer`` arguments (callbacks, optimizers, ...).
 
-    Example:
+    Examples:
         >>> from datasets import Dataset  # doctest: +SKIP
         >>> trainer = ShiftLossTrainer(
         ...     model="HuggingFaceTB/SmolLM2-135M-Instruct",

@@ -49,7 +49,7 @@ class Batcher:
         pad_token_id: written into padding (never attended to, never trained).
         pad_to_multiple_of: round the sequence length up to a multiple of this (8 or 64 for tensor cores).
 
-    Example:
+    Examples:
         >>> batch = Batcher(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
         ...                                  {"input_ids": [5, 8], "labels": [-100, 8]}])
         >>> batch["input_ids"]

@@ -198,7 +198,8 @@ def _separators(
     return separators, text[cursor:] if found_last else None
 
 
-def _common_prefix(a: str, b: str) -> int:
+def _common_prefix(a: Sequence, b: Sequence) -> int:
+    """Length of the common prefix of two strings or two token lists."""
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
@@ -466,15 +467,6 @@ def _labels_from_offsets(input_ids: list[int], offsets: list[Span], char_spans: 
     return labels
 
 
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _encode_text(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -489,9 +481,9 @@ def _labels_by_prefix_tokenization(
     """
     labels = [IGNORE_INDEX] * len(input_ids)
     for span_start, span_end in char_spans:
-        first = _common_prefix_length(_encode_text(tokenizer, text[:span_start]), input_ids)
+        first = _common_prefix(_encode_text(tokenizer, text[:span_start]), input_ids)
         before_end = _encode_text(tokenizer, text[:span_end])
-        agreed = _common_prefix_length(before_end, input_ids)
+        agreed = _common_prefix(before_end, input_ids)
         last = len(before_end) if agreed == len(before_end) else agreed + 1
         for t in range(first, min(last, len(input_ids))):
             labels[t] = input_ids[t]
@@ -724,7 +716,7 @@ def encode_messages(
         ValueError: naming the row (and message): malformed messages, a template that cannot render
             them, or a trained message the template rewrites so that it cannot be found.
 
-    Example:
+    Examples:
         >>> from transformers import AutoTokenizer  # doctest: +SKIP
         >>> tokenizer = AutoTokenizer.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")  # doctest: +SKIP
         >>> encoded = encode_messages(tokenizer, [{"role": "user", "content": "Capital of France?"},

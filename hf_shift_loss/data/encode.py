@@ -45,7 +45,7 @@ _FORMAT_HELP = (
 def detect_format(columns: Sequence[str]) -> str:
     """The dataset format from its column names (see the module docstring); ValueError if none fits.
 
-    Example:
+    Examples:
         >>> detect_format(["prompt", "completion", "id"])
         'prompt_completion'
     """

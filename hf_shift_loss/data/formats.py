@@ -13,7 +13,7 @@ def prompt_completion_to_messages(row: Mapping[str, Any]) -> dict[str, Any]:
 
     The chat template then renders it and chat masking trains the answer and its end-of-turn token.
 
-    Example:
+    Examples:
         >>> prompt_completion_to_messages({"prompt": "2+2=", "completion": "4"})
         {'messages': [{'role': 'user', 'content': '2+2='}, {'role': 'assistant', 'content': '4'}]}
     """

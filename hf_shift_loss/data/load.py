@@ -24,7 +24,7 @@ def load_data(source: str, *, split: str = "train", limit: int | None = None) ->
         split: the split to take from a hub dataset or a saved ``DatasetDict``.
         limit: keep only the first ``limit`` rows.
 
-    Example:
+    Examples:
         >>> import json, tempfile
         >>> path = tempfile.mkdtemp() + "/rows.jsonl"
         >>> with open(path, "w") as file:

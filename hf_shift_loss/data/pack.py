@@ -55,7 +55,7 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     least free room >= its length, found by bisection over rows sorted by free room), else a new row:
     O(n log n), and never more than 11/9 of the optimal number of rows (+ 1).
 
-    Example:
+    Examples:
         >>> best_fit_decreasing([5, 3, 4, 2, 6], capacity=8)
         [[4, 3], [0, 1], [2]]
     """
@@ -94,7 +94,7 @@ def pack_rows(batch: Mapping[str, Sequence[Any]], max_length: int, overflow: Ove
         Columns :data:`PACKING_COLUMNS`; ``position_ids`` restart at 0 at every sequence, every
         sequence's first label is -100. The split counts stand on the first row.
 
-    Example:
+    Examples:
         >>> packed = pack_rows({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9]],
         ...                     "labels": [[-100, 2, 3], [-100, 5], [-100, -100, 8, 9]]}, max_length=5)
         >>> packed["input_ids"], packed["position_ids"]

@@ -27,7 +27,7 @@ COUNT_COLUMNS = (
 class DataStats:
     """What preparing one dataset kept, cut, dropped and packed. All fields are exact counts.
 
-    Example:
+    Examples:
         >>> stats = DataStats.from_counts([{"input_ids": [1, 2, 3], "trained_tokens": 2,
         ...                                 "truncated_tokens": 1, "truncated_completion": 0,
         ...                                 "dropped_turns": 0}])

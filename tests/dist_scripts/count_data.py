@@ -14,13 +14,12 @@ import json
 import os
 import sys
 
-import torch
 from datasets import Dataset
 
 from hf_shift_loss import ShiftLossArguments, ShiftLossTrainer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from helpers import tiny_llama, word_tokenizer  # noqa: E402
+from helpers import leave_process_group, tiny_llama, word_tokenizer  # noqa: E402
 
 ROWS = [
     {"prompt": "where is the capital of China", "completion": "The capital is Beijing"},
@@ -57,13 +56,7 @@ def main() -> None:
     logged = next(entry for entry in trainer.state.log_history if "data/truncated_tokens" in entry)
     with open(os.path.join(options.out, f"rank{trainer.accelerator.process_index}.json"), "w") as file:
         json.dump({"logged": logged, "world_size": trainer.accelerator.num_processes}, file)
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # see train_one_step.py: freeing gloo state at exit can hang
+    leave_process_group(trainer.accelerator)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,12 @@ import json
 import os
 import sys
 
-import torch
 from datasets import Dataset
 
 from hf_shift_loss import ShiftLossArguments, ShiftLossTrainer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from helpers import tiny_llama, word_tokenizer  # noqa: E402
+from helpers import leave_process_group, tiny_llama, word_tokenizer  # noqa: E402
 
 WORDS = "where is the capital of China The Beijing what France Paris a city big small river".split()
 
@@ -56,12 +55,7 @@ def main() -> None:
         metrics["world_size"] = trainer.accelerator.num_processes
         with open(os.path.join(options.out, "metrics.json"), "w", encoding="utf-8") as file:
             json.dump(metrics, file)
-    trainer.accelerator.wait_for_everyone()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # see train_one_step.py: freeing gloo state at exit can hang
+    leave_process_group(trainer.accelerator)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from hf_shift_loss.trainer import ShiftLossArguments, ShiftLossTrainer
 
 # The tests' own tiny Llama (tests/helpers.py), so that the reference and the ranks build the same model.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from helpers import tiny_llama  # noqa: E402
+from helpers import leave_process_group, tiny_llama  # noqa: E402
 
 VOCAB_SIZE = 128
 # (prompt tokens, completion tokens) per example: trained-token counts from 1 to 45.
@@ -160,16 +160,7 @@ def main() -> None:
             json.dump(result, file)
     # Every rank leaves the process group itself, after the others are done with it: an unclean or
     # staggered exit sometimes hangs or aborts gloo at shutdown.
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    # Everything this rank had to say is in its files. Freeing main's locals (trainer, DDP reducer,
-    # gloo state) hung about one run in ten, in C code after the last line of main (faulthandler showed
-    # no Python frame but the module's), so leave here, with the locals alive and no finalizers run.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_process_group(trainer.accelerator)
 
 
 if __name__ == "__main__":
