@@ -125,8 +125,6 @@ class ScaledLinear(nn.Linear):
         return super().forward(x) * 2
 
 
-
-
 def test_models_the_fused_loss_cannot_reproduce_are_refused() -> None:
     with pytest.raises(UnsupportedOutputHead, match="no get_output_embeddings"):
         get_output_head(NoHead())
