@@ -210,6 +210,15 @@ def _chunk_loop(
         else:
             chunk_rows = rows[start:end]
             hidden_rows = hidden.index_select(0, chunk_rows)
+        if torch.compiler.is_compiling():
+            # Traced, the loop is unrolled and Inductor plans the memory itself (a chunk's buffers are
+            # reused once dead). Fresh buffers per chunk: with one buffer mutated by every chunk,
+            # Inductor (torch 2.13, CPU) produced wrong gradients for some chunks (bias + z-loss +
+            # soft-cap), while aot_eager was exact.
+            logits_buffer = torch.empty_like(logits_buffer)
+            tanh_buffer = None if tanh_buffer is None else torch.empty_like(tanh_buffer)
+            if low_precision_buffer is not None:
+                low_precision_buffer = torch.empty_like(low_precision_buffer)
         logits = logits_buffer[: end - start]
         low_precision_logits = None if low_precision_buffer is None else low_precision_buffer[: end - start]
         _chunk_logits(hidden_rows, weight, bias, logits, low_precision_logits)
