@@ -123,6 +123,14 @@ class ShiftLossArguments(TrainingArguments):
         default=None,
         metadata={"help": "Tokens per chunk of the fused loss (default: from a memory budget)."},
     )
+    fused_sync_free: bool | None = field(
+        default=None,
+        metadata={
+            "help": "The fused loss with fixed shapes and no host sync (every row projected, masked inside): "
+            "what torch.compile(fullgraph=True) and CUDA graphs need, at the cost of projecting masked rows "
+            "and of not reporting out-of-range labels. None: on exactly when torch_compile is."
+        },
+    )
     log_token_accuracy: bool = field(
         default=True,
         metadata={"help": "Log the argmax accuracy over trained tokens (costs one argmax per chunk)."},

@@ -115,6 +115,8 @@ class FusedLoss(_LossPath):
     z_loss: float = 0.0
     router_aux_loss_coef: float = 0.0
     chunk_size: int | None = None
+    sync_free: bool = False
+    """Fixed shapes, no host sync: what ``torch.compile(fullgraph=True)`` and CUDA graphs need."""
     name: str = "fused"
 
     def _run(
@@ -136,6 +138,7 @@ class FusedLoss(_LossPath):
             z_loss=self.z_loss,
             chunk_size=self.chunk_size,
             return_correct=count_correct,  # the argmax per chunk only when the accuracy is logged
+            sync_free=self.sync_free,
             **options,
         )
         loss, correct = result if count_correct else (result, None)
@@ -170,6 +173,7 @@ def choose_loss_path(
     z_loss: float = 0.0,
     chunk_size: int | None = None,
     fsdp_version: int | None = None,
+    sync_free: bool = False,
 ) -> EagerLoss | FusedLoss:
     """The loss path for ``model`` (unwrapped from DDP/accelerate; peft models as they are).
 
@@ -197,7 +201,7 @@ def choose_loss_path(
         reason = "FSDP1 flattens the lm_head weight into its flat parameter (use fsdp_version: 2)"
     else:
         try:
-            return FusedLoss(get_output_head(model), chunk_size=chunk_size, **options)
+            return FusedLoss(get_output_head(model), chunk_size=chunk_size, sync_free=sync_free, **options)
         except UnsupportedOutputHead as error:
             reason = str(error)
     logger.warning("loss_impl=%r: using the eager loss (full logits) because %s.", loss_impl, reason)

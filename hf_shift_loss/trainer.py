@@ -289,6 +289,9 @@ class ShiftLossTrainer(Trainer):
                 z_loss=self.args.z_loss,
                 chunk_size=self.args.fused_chunk_size,
                 fsdp_version=self._fsdp_version(),
+                sync_free=self.args.torch_compile
+                if self.args.fused_sync_free is None
+                else self.args.fused_sync_free,
             )
         return self._loss_paths[id(unwrapped)]
 

@@ -247,3 +247,27 @@ def test_torch_compile_fullgraph_matches_eager() -> None:
         assert int(correct) == int(expected_correct)
         for grad, expected_grad in zip(grads, expected_grads, strict=True):
             torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("torch_compile", "asked", "expected"), [(False, None, False), (True, None, True), (False, True, True)]
+)
+def test_the_trainer_uses_the_sync_free_mode_when_compiled_or_asked(tmp_path, torch_compile, asked, expected):
+    from helpers import tiny_llama
+
+    from hf_shift_loss import ShiftLossArguments, ShiftLossTrainer
+
+    args = ShiftLossArguments(
+        output_dir=str(tmp_path), loss_impl="fused", fused_sync_free=asked, report_to="none", use_cpu=True
+    )
+    trainer = ShiftLossTrainer(model=tiny_llama(), args=args)
+    trainer.args.torch_compile = torch_compile  # as set by the user; compiling itself is not needed here
+    path = trainer.loss_path(trainer.model)
+    assert path.name == "fused" and path.sync_free is expected
+    batch = {"input_ids": torch.tensor([[1, 5, 6, 7]]), "labels": torch.tensor([[-100, -100, 6, 7]])}
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    reference = ShiftLossTrainer(
+        model=trainer.model, args=ShiftLossArguments(output_dir=str(tmp_path), loss_impl="eager")
+    )
+    torch.testing.assert_close(loss, reference.compute_loss(trainer.model, batch), rtol=1e-5, atol=1e-6)
