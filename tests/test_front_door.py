@@ -57,9 +57,20 @@ def _jsonl(tmp_path, rows: list[dict]) -> str:
     return path
 
 
-@pytest.mark.parametrize("data_format", sorted(FORMATS))
+def _tokenized_rows() -> list[dict]:
+    """Pre-tokenized rows: the prompt masked with -100, the answer and EOS trained."""
+    tokenizer = smollm2_tokenizer()
+    rows = []
+    for question, answer in QA:
+        prompt = tokenizer(question, add_special_tokens=False)["input_ids"]
+        completion = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append({"input_ids": prompt + completion, "labels": [-100] * len(prompt) + completion})
+    return rows
+
+
+@pytest.mark.parametrize("data_format", [*sorted(FORMATS), "tokenized"])
 def test_a_trl_style_script_trains_on_every_format(tmp_path, model_dir, data_format):
-    data_file = _jsonl(tmp_path, FORMATS[data_format])
+    data_file = _jsonl(tmp_path, _tokenized_rows() if data_format == "tokenized" else FORMATS[data_format])
     # ---- the user's script (what a TRL user writes), 9 lines
     dataset = load_dataset("json", data_files=data_file, split="train")
     trainer = ShiftLossTrainer(
