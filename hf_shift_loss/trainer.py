@@ -325,7 +325,7 @@ class ShiftLossTrainer(Trainer):
         training = model.training
         path = self.loss_path(model)
         if not training and not self.args.prediction_loss_only:  # compute_metrics needs the logits
-            path = EagerLoss(label_smoothing=self.args.label_smoothing_factor, z_loss=self.args.z_loss)
+            path = EagerLoss(path.label_smoothing, path.z_loss, path.router_aux_loss_coef)
         loss, correct, outputs, router_loss = path(
             model,
             model_inputs,

@@ -162,57 +162,50 @@ def _code_version() -> str:
 
 
 def _count(encoded: datasets.Dataset, name: str, on_untrained: str, vocab_size: int | None) -> DataStats:
-    """Exact statistics of an encoded map-style dataset, from its count columns."""
-    counts = encoded.with_format("numpy", columns=[*COUNT_COLUMNS, "input_ids"])
-    trained = np.asarray(counts["trained_tokens"])
-    untrained_rows = np.flatnonzero(trained == 0)
-    if len(untrained_rows) and on_untrained == "raise":
-        row = int(untrained_rows[0])
+    """Exact statistics of an encoded map-style dataset, in one pass over its rows.
+
+    The counting rules are :meth:`DataStats.add_example`'s, the same the collator and the inspector use;
+    this pass also checks the ids against the embedding and names the rows it drops or warns about.
+    """
+    stats = DataStats()
+    untrained_rows: list[int] = []
+    blank_rows: list[int] = []
+    for row, example in enumerate(encoded.select_columns([*COUNT_COLUMNS, "input_ids", "labels"])):
+        if vocab_size is not None and example["input_ids"]:
+            ids, labels = example["input_ids"], example["labels"]
+            if max(ids) >= vocab_size or min(ids) < 0 or max(labels) >= vocab_size:
+                check_token_ids(ids, labels, vocab_size, f"{name} set, row {row}")
+        stats.add_example(example)
+        if example["trained_tokens"] == 0:
+            untrained_rows.append(row)
+        if example["blank_completion"]:
+            blank_rows.append(row)
+    if untrained_rows and on_untrained == "raise":
         raise ValueError(
-            f"{name} set, row {row}: no trained token after masking and truncation "
+            f"{name} set, row {untrained_rows[0]}: no trained token after masking and truncation "
             f"({len(untrained_rows)} such rows); raise max_length, shorten the prompt, fix the row, or set "
             "on_untrained='drop' to drop them (counted)"
         )
-    lengths = np.asarray([len(ids) for ids in encoded["input_ids"]])
-    if vocab_size is not None:
-        for row, (input_ids, labels) in enumerate(zip(encoded["input_ids"], encoded["labels"], strict=True)):
-            if input_ids and (
-                max(input_ids) >= vocab_size or min(input_ids) < 0 or max(labels) >= vocab_size
-            ):
-                check_token_ids(input_ids, labels, vocab_size, f"{name} set, row {row}")
-    truncated = np.asarray(counts["truncated_tokens"])
-    dropped_turns = np.asarray(counts["dropped_turns"])
-    kept = trained > 0
-    stats = DataStats(
-        examples=len(encoded),
-        total_tokens=int(lengths[kept].sum()),
-        trained_tokens=int(trained.sum()),
-        truncated_examples=int(((truncated > 0) | (dropped_turns > 0)).sum()),
-        truncated_tokens=int(truncated.sum()),
-        truncated_completions=int(np.asarray(counts["truncated_completion"]).sum()),
-        dropped_turns=int(dropped_turns.sum()),
-        untrained_examples=len(untrained_rows),
-        blank_completions=int(np.asarray(counts["blank_completion"]).sum()),
-    )
-    if stats.blank_completions:
-        blank_rows = np.flatnonzero(np.asarray(counts["blank_completion"]))[:10]
+    if blank_rows:
         logger.warning(
             "%s set: %d rows have a completion of only whitespace (rows %s): they train little more than EOS",
             name,
-            stats.blank_completions,
-            ", ".join(str(int(row)) for row in blank_rows),
+            len(blank_rows),
+            _rows_shown(blank_rows),
         )
-    if len(untrained_rows):
-        shown = ", ".join(str(int(row)) for row in untrained_rows[:10])
+    if untrained_rows:
         logger.warning(
-            "%s set: dropped %d of %d rows with no trained token after masking and truncation (rows %s%s)",
+            "%s set: dropped %d of %d rows with no trained token after masking and truncation (rows %s)",
             name,
             len(untrained_rows),
             len(encoded),
-            shown,
-            ", ..." if len(untrained_rows) > 10 else "",
+            _rows_shown(untrained_rows),
         )
     return stats
+
+
+def _rows_shown(rows: list[int], limit: int = 10) -> str:
+    return ", ".join(map(str, rows[:limit])) + (", ..." if len(rows) > limit else "")
 
 
 def _has_trained_tokens(trained_tokens: list[int]) -> list[bool]:
