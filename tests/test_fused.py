@@ -300,10 +300,10 @@ def test_bad_input_raises_value_error_naming_the_problem() -> None:
 def test_default_chunk_size_keeps_chunks_even_and_under_budget() -> None:
     assert default_chunk_size(0, 32000, 1024) == 1
     assert default_chunk_size(100, 32000, 1024) == 100  # fits in one chunk
-    # A quarter of the 125 MiB weight gradient -> 256 rows of float32 logits.
-    assert default_chunk_size(4096, 32000, 1024) == 256
-    assert default_chunk_size(4000, 32000, 1024) == 250  # 16 even chunks, not 15 x 256 + 160
-    # A quarter of the 1002 MiB weight gradient -> 512 rows: 4 chunks.
+    # Half the 125 MiB weight gradient -> 512 rows of float32 logits.
+    assert default_chunk_size(4096, 32000, 1024) == 512
+    assert default_chunk_size(4000, 32000, 1024) == 500  # 8 even chunks, not 7 x 512 + 416
+    # Half the 1002 MiB weight gradient is over the 256 MiB cap -> 523 rows: 4 chunks of 512.
     assert default_chunk_size(2048, 128256, 2048) == 512
     assert default_chunk_size(8192, 128256, 4096) == 512  # the 256 MiB cap -> 523 rows: 16 chunks of 512
     assert default_chunk_size(10_000, 10**7, 8) == 64  # never fewer than 64 rows per chunk
