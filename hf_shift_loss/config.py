@@ -32,7 +32,7 @@ class ShiftLossArguments(TrainingArguments):
     """``TrainingArguments`` plus what :class:`hf_shift_loss.ShiftLossTrainer` needs for data and loss.
 
     Data (used when the trainer prepares the datasets itself, i.e. without a ``data_collator``):
-    ``max_length``, ``packing``, ``packing_overflow``, ``train_on``, ``train_roles``,
+    ``max_length``, ``packing``, ``packing_overflow``, ``padding_free``, ``train_on``, ``train_roles``,
     ``train_end_of_turn``, ``on_untrained``, ``num_proc``, ``chat_template_kwargs``,
     ``pad_to_multiple_of``. Loss: ``loss_impl``, ``z_loss``, ``fused_chunk_size``,
     ``log_token_accuracy`` and the inherited ``label_smoothing_factor``. Model loading by name:
@@ -67,6 +67,15 @@ class ShiftLossArguments(TrainingArguments):
     packing_overflow: Literal["truncate", "split"] = field(
         default="truncate",
         metadata={"help": "With packing, rows longer than max_length are truncated or split into pieces."},
+    )
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "Lay each training micro-batch's rows end to end in one row, kept apart by position_ids: "
+            "no pad token is computed, the same examples per step. sdpa/eager/flex build a dense mask over "
+            "the whole micro-batch (attention cost (batch x length)^2); flash attention runs its varlen "
+            "kernel. Evaluation batches stay padded."
+        },
     )
     train_on: Literal["completion", "all", "last_turn"] = field(
         default="completion",

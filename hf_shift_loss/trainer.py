@@ -22,16 +22,20 @@ The math lives in ``loss.py`` / ``fused.py``; this module only orchestrates and 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import datasets
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
@@ -114,7 +118,11 @@ class ShiftLossTrainer(Trainer):
                     "ShiftLossTrainer needs processing_class (the tokenizer) to prepare the datasets, or a "
                     "data_collator that batches them"
                 )
-            data_collator = Batcher(resolve_pad_token_id(processing_class), args.pad_to_multiple_of)
+            data_collator = Batcher(
+                resolve_pad_token_id(processing_class),
+                args.pad_to_multiple_of,
+                padding_free=args.padding_free,
+            )
             encoder = Encoder(
                 processing_class,
                 max_length=args.max_length,
@@ -193,7 +201,8 @@ class ShiftLossTrainer(Trainer):
         if self.data_stats:
             data = [
                 f"trained: {trained}; end-of-turn tokens: {args.train_end_of_turn}; max_length {args.max_length}",
-                f"packing: {f'on, rows of {args.max_length} tokens' if args.packing else 'off (padded batches)'}",
+                f"packing: {f'on, rows of {args.max_length} tokens' if args.packing else 'off'}; batches: "
+                f"{'padding-free, one row per micro-batch' if self._padding_free() else 'rows padded to the longest'}",
             ]
         else:
             data = [
@@ -300,6 +309,31 @@ class ShiftLossTrainer(Trainer):
             return None
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
         return int(getattr(plugin, "fsdp_version", 1) or 1)
+
+    # ------------------------------------------------------------------ batches
+    def _padding_free(self) -> bool:
+        return isinstance(self.data_collator, Batcher) and self.data_collator.padding_free
+
+    def get_eval_dataloader(self, eval_dataset: str | Dataset | None = None) -> DataLoader:
+        """Stock, but a padding-free batcher pads evaluation batches: one row per example is what makes
+        the evaluation loss exact across ranks (the sampler's duplicates are dropped row by row)."""
+        with self._padded_batches():
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset: Dataset) -> DataLoader:
+        """Stock, with padded batches as :meth:`get_eval_dataloader`."""
+        with self._padded_batches():
+            return super().get_test_dataloader(test_dataset)
+
+    @contextlib.contextmanager
+    def _padded_batches(self) -> Iterator[None]:
+        collator = self.data_collator
+        if self._padding_free():
+            self.data_collator = dataclasses.replace(collator, padding_free=False)
+        try:
+            yield
+        finally:
+            self.data_collator = collator
 
     # ------------------------------------------------------------------ the loss
     def compute_loss(

@@ -226,13 +226,14 @@ def test_an_sft_config_is_converted_with_what_means_the_same_and_the_rest_named(
         output_dir=str(tmp_path),
         max_length=96,
         packing=True,
+        padding_free=True,
         dataset_num_proc=2,
         completion_only_loss=False,
         bf16=False,
     )
     with caplog.at_level("WARNING"):
         args = ShiftLossArguments.from_training_arguments(config)
-    assert (args.max_length, args.packing, args.num_proc) == (96, True, 2)
+    assert (args.max_length, args.packing, args.padding_free, args.num_proc) == (96, True, True, 2)
     assert args.learning_rate == config.learning_rate and args.remove_unused_columns is False
     assert (
         "SFTConfig fields with no ShiftLossArguments equivalent are ignored: completion_only_loss=False"

@@ -111,7 +111,7 @@ def test_the_run_explains_itself_in_one_block(tmp_path, capsys):
     block = printed[printed.index("[hf_shift_loss] run summary") :].splitlines()[:6]
     assert block[1].startswith("  loss: fused lm_head + cross-entropy")
     assert block[2].startswith("  trained: the completion / every assistant turn; end-of-turn tokens: turn")
-    assert block[3] == "  packing: on, rows of 32 tokens"
+    assert block[3] == "  packing: on, rows of 32 tokens; batches: rows padded to the longest"
     assert "(2 micro-batch(es) x 1 rank(s))" in block[4]
     assert (
         block[5].startswith("  train set (prompt_completion): 4 of 4 examples kept")

@@ -210,13 +210,14 @@ EXAMPLES = [
 ]
 
 
-def _one_step(tmp_path, packing: bool, loss_impl: str) -> tuple[dict, list]:
+def _trainer(tmp_path, packing: bool, loss_impl: str, padding_free: bool = False) -> ShiftLossTrainer:
     tokenizer = word_tokenizer()
     model = tiny_llama(vocab_size=len(tokenizer))
     args = ShiftLossArguments(
-        output_dir=str(tmp_path / f"{packing}-{loss_impl}"),
+        output_dir=str(tmp_path / f"{packing}-{padding_free}-{loss_impl}"),
         max_length=24,
         packing=packing,
+        padding_free=padding_free,
         loss_impl=loss_impl,
         per_device_train_batch_size=len(EXAMPLES),  # every example (or every packed row) in the one step
         max_steps=1,
@@ -229,14 +230,24 @@ def _one_step(tmp_path, packing: bool, loss_impl: str) -> tuple[dict, list]:
         use_cpu=True,
         save_strategy="no",
         disable_tqdm=True,
+        per_device_eval_batch_size=4,
     )
-    trainer = ShiftLossTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(EXAMPLES), processing_class=tokenizer
+    return ShiftLossTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(EXAMPLES),
+        eval_dataset=Dataset.from_list(EXAMPLES),
+        processing_class=tokenizer,
     )
+
+
+def _one_step(tmp_path, packing: bool, loss_impl: str, padding_free: bool = False) -> tuple[dict, list]:
+    trainer = _trainer(tmp_path, packing, loss_impl, padding_free)
     trainer.train()
     rows = len(trainer.train_dataset)
     assert rows < len(EXAMPLES) if packing else rows == len(EXAMPLES)
-    return {name: p.detach().clone() for name, p in model.named_parameters()}, trainer.state.log_history
+    parameters = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    return parameters, trainer.state.log_history
 
 
 @pytest.mark.parametrize("loss_impl", ["eager", "fused"])
@@ -249,6 +260,47 @@ def test_packed_training_equals_padded_training(tmp_path, loss_impl):
     for name, value in padded_params.items():
         difference = (packed_params[name] - value).norm() / value.norm().clamp(min=1e-12)
         assert difference < 1e-4, name
+
+
+# ---------------------------------------------------------------------- padding-free micro-batches
+def test_padding_free_batcher_lays_rows_end_to_end():
+    packed = pack_rows(_columns(_examples([3, 2, 4], prompt_length=0)), max_length=5)
+    rows = [dict(zip(packed, values, strict=True)) for values in zip(*packed.values(), strict=True)]
+    rows.append({"input_ids": [7, 8], "labels": [7, 8]})  # an unpacked row: its first label is no target
+    batch = Batcher(pad_token_id=0, pad_to_multiple_of=4, padding_free=True)(rows)
+    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert batch["input_ids"].shape == (1, 12)  # 4 + 5 + 2 tokens, then a padding block of 1
+    # Packed rows [4] and [3, 2], then the unpacked [7, 8], then the padding block.
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1, 0, 1, 0]
+    assert batch["input_ids"][0, 9:].tolist() == [7, 8, 0]
+    # Every sequence's first label is masked; the padding block is never trained.
+    starts = batch["position_ids"][0] == 0
+    assert batch["labels"][0][starts].eq(-100).all()
+    trained = sum(_targets(row["labels"]) for row in rows)
+    assert int(batch["labels"][0, 1:].ne(-100).sum()) == trained == 3 + 2 + 1 + 1
+
+
+@pytest.mark.parametrize(("packing", "loss_impl"), [(False, "eager"), (False, "fused"), (True, "fused")])
+def test_padding_free_training_equals_padded_training(tmp_path, packing, loss_impl):
+    trainer = _trainer(tmp_path, packing, loss_impl, padding_free=True)
+    assert trainer.get_train_dataloader().__iter__().__next__()["input_ids"].shape[0] == 1
+    eval_batch = next(iter(trainer.get_eval_dataloader()))
+    # Evaluation stays padded: one dataset row (example, or packed row) per batch row.
+    assert eval_batch["input_ids"].shape[0] == min(4, len(trainer.eval_dataset)) > 1
+    padded_params, padded_logs = _one_step(tmp_path, packing=False, loss_impl=loss_impl)
+    free_params, free_logs = _one_step(tmp_path, packing=packing, loss_impl=loss_impl, padding_free=True)
+    assert free_logs[0]["loss"] == pytest.approx(padded_logs[0]["loss"], rel=1e-5)
+    assert free_logs[0]["trained_tokens"] == padded_logs[0]["trained_tokens"]
+    for name, value in padded_params.items():
+        difference = (free_params[name] - value).norm() / value.norm().clamp(min=1e-12)
+        assert difference < 1e-4, name
+
+
+def test_padding_free_evaluation_is_the_padded_evaluation(tmp_path):
+    padded = _trainer(tmp_path, packing=False, loss_impl="fused").evaluate()
+    free = _trainer(tmp_path, packing=False, loss_impl="fused", padding_free=True).evaluate()
+    assert free["eval_loss"] == pytest.approx(padded["eval_loss"], rel=1e-6)
+    assert free["eval_trained_tokens"] == padded["eval_trained_tokens"] > 0
 
 
 def test_a_streamed_dataset_is_packed_in_windows_like_a_map_style_one():

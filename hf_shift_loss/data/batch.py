@@ -1,9 +1,13 @@
-"""Tokens to batches: right-pad encoded rows into ``[batch, seq]`` tensors.
+"""Tokens to batches: right-pad encoded rows into ``[batch, seq]`` tensors, or lay them end to end.
 
 :class:`Batcher` is the trainer's data collator once a dataset is prepared. Four fields, as a
 transformers model takes them: ``input_ids``, ``labels`` (padded with -100), and ``attention_mask``
 for padded rows or ``position_ids`` for packed rows (positions restart at every packed sequence; no
 attention mask, so transformers builds the block-diagonal causal mask). Extra columns are ignored.
+
+Padding-free (``padding_free=True``): the micro-batch's rows are laid end to end in one row
+``[1, total tokens]`` with restarting ``position_ids``, as packing does within a row: no pad token is
+computed, and each row keeps its own positions and attention (docs/packing.md).
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ class Batcher:
     Args:
         pad_token_id: written into padding (never attended to, never trained).
         pad_to_multiple_of: round the sequence length up to a multiple of this (8 or 64 for tensor cores).
+        padding_free: lay the rows end to end in one row with restarting ``position_ids`` (no
+            ``attention_mask``). The first label of every row becomes -100: after the shift it would be
+            the target of the previous row's last token, and it was never a target within its own row, so
+            the trained tokens are exactly those of the padded batch.
 
     Examples:
         >>> batch = Batcher(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
@@ -61,10 +69,22 @@ class Batcher:
         >>> batch["labels"]
         tensor([[-100,    6,    7],
                 [-100,    8, -100]])
+
+        The same rows, padding-free:
+
+        >>> batch = Batcher(pad_token_id=0, padding_free=True)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+        ...                                                    {"input_ids": [5, 8], "labels": [3, 8]}])
+        >>> batch["input_ids"]
+        tensor([[5, 6, 7, 5, 8]])
+        >>> batch["position_ids"]
+        tensor([[0, 1, 2, 0, 1]])
+        >>> batch["labels"]
+        tensor([[-100,    6,    7, -100,    8]])
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    padding_free: bool = False
 
     def __post_init__(self) -> None:
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
@@ -73,6 +93,8 @@ class Batcher:
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not rows:
             raise ValueError("the batcher received an empty list of rows")
+        if self.padding_free:
+            return self._end_to_end(rows)
         width = max(len(row["input_ids"]) for row in rows)
         if self.pad_to_multiple_of:
             width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -94,4 +116,30 @@ class Batcher:
             "input_ids": input_ids,
             "labels": labels,
             "position_ids" if packed else "attention_mask": layout,
+        }
+
+    def _end_to_end(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """One row ``[1, total]``: the rows one after another, positions restarting at each (packed rows
+        keep their own restarts); with ``pad_to_multiple_of``, a padding block of its own at the end."""
+        input_ids = [torch.as_tensor(row["input_ids"], dtype=torch.long) for row in rows]
+        labels = [torch.as_tensor(row["labels"], dtype=torch.long).clone() for row in rows]
+        positions = [
+            torch.as_tensor(row["position_ids"], dtype=torch.long)
+            if "position_ids" in row
+            else torch.arange(len(row["input_ids"]))
+            for row in rows
+        ]
+        for row_labels in labels:
+            row_labels[:1] = IGNORE_INDEX  # would be the target of the previous row's last token
+        total = sum(len(ids) for ids in input_ids)
+        if self.pad_to_multiple_of:
+            padding = math.ceil(total / self.pad_to_multiple_of) * self.pad_to_multiple_of - total
+            if padding:
+                input_ids.append(torch.full((padding,), self.pad_token_id, dtype=torch.long))
+                labels.append(torch.full((padding,), IGNORE_INDEX, dtype=torch.long))
+                positions.append(torch.arange(padding))
+        return {
+            "input_ids": torch.cat(input_ids)[None],
+            "labels": torch.cat(labels)[None],
+            "position_ids": torch.cat(positions)[None],
         }
