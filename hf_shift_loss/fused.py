@@ -45,23 +45,30 @@ __all__ = [
     "default_chunk_size",
 ]
 
-# One chunk's float32 logits stay under the smaller of 256 MiB and half the float32 weight gradient
-# ([vocab, hidden], which every implementation allocates): the chunk is then smaller than memory that
-# exists anyway. Not much smaller: every chunk streams the weight twice and the float32 weight gradient
-# once in and out, so thin chunks are slow matmuls. Forward+backward CPU time, float32, trainable head:
-# 4096 x 1024 x 32k, 50% masked: 4.7 s with 256-row chunks (a quarter), 4.35 s with 512 (half), 4.27 s
-# with 1024; 512 x 256 x 128k: 1.6 s with 64 rows, 1.45 s with 128, 1.34 s with 256.
+# One chunk's float32 logits stay under 256 MiB and under a share of the size of the float32 weight
+# gradient ([vocab, hidden]): half of it when the head trains (that gradient then exists anyway, so the
+# chunk stays smaller than memory every implementation allocates), a quarter when the head is frozen (no
+# weight gradient exists; the chunk is then most of what the loss costs). Not much smaller: every chunk
+# streams the weight twice and the float32 weight gradient once in and out, so thin chunks are slow
+# matmuls. Forward+backward CPU time, float32, trainable head: 4096 x 1024 x 32k, 50% masked: 4.7 s with
+# 256-row chunks (a quarter), 4.35 s with 512 (half), 4.27 s with 1024; 512 x 256 x 128k: 1.6 s with 64
+# rows, 1.45 s with 128, 1.34 s with 256.
 CHUNK_LOGITS_BYTES = 256 * 2**20
 MIN_CHUNK_ROWS = 64
 
 
-def default_chunk_size(num_rows: int, vocab_size: int, hidden_size: int) -> int:
+def default_chunk_size(num_rows: int, vocab_size: int, hidden_size: int, trainable_head: bool = True) -> int:
     """Rows per chunk from the memory budget above, spread evenly over the chunks.
 
     E.g. 300 rows with a 256-row budget become two chunks of 150, so that the last chunk is not a tiny,
     slow matmul.
+
+    Examples:
+        >>> default_chunk_size(4096, 32000, 1024), default_chunk_size(4096, 32000, 1024, trainable_head=False)
+        (512, 256)
     """
-    budget_bytes = min(CHUNK_LOGITS_BYTES, 2 * vocab_size * hidden_size)  # = 4 bytes * V * H / 2
+    weight_grad_bytes = 4 * vocab_size * hidden_size
+    budget_bytes = min(CHUNK_LOGITS_BYTES, weight_grad_bytes // (2 if trainable_head else 4))
     budget_rows = max(MIN_CHUNK_ROWS, budget_bytes // (4 * vocab_size))
     if num_rows <= budget_rows:
         return max(num_rows, 1)
@@ -230,7 +237,7 @@ def _chunk_loop(
             _raw_logits_grad_(grad_logits, transform, tanh)
         if grads is not None and grad_logits is not None:
             grads.add_chunk(grad_logits, low_precision_logits, hidden_rows, chunk_rows)
-    return grads
+    return None if grads is None else grads.finish()
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -401,16 +408,19 @@ class _GradientAccumulator:
         hidden_needs_grad, weight_needs_grad, bias_needs_grad = needs_grad
         self.weight_tensor = weight
         self.hidden = torch.zeros_like(hidden) if hidden_needs_grad else None
+        # The first chunk writes the weight and bias gradients, the others add to them: no zero-fill and
+        # no read of zeros, which on a [V, H] float32 gradient is a visible share of a small step.
         self.weight = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
             if weight_needs_grad
             else None
         )
         self.bias = (
-            torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+            torch.empty(bias.shape, dtype=torch.float32, device=bias.device)
             if bias is not None and bias_needs_grad
             else None
         )
+        self.written = False
         self.hidden_rows_grad = (
             torch.empty(rows_per_chunk, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
             if hidden_needs_grad and rows_per_chunk > 0
@@ -449,17 +459,34 @@ class _GradientAccumulator:
             torch.mm(matmul_grad, weight, out=hidden_rows_grad)
             self.hidden.index_copy_(0, chunk_rows, hidden_rows_grad)
         if self.weight is not None:
-            if low_precision_logits is None:
-                self.weight.addmm_(grad_logits.t(), hidden_rows)
-            elif self.upcast_on_cpu:
+            if low_precision_logits is None or self.upcast_on_cpu:
                 # CPU: exact float32 math costs only a [rows, H] upcast, and CPU low-precision GEMMs are
                 # often emulated (slow).
-                self.weight.addmm_(grad_logits.t(), hidden_rows.float())
+                rows_float = hidden_rows.float()
+                if self.written:
+                    self.weight.addmm_(grad_logits.t(), rows_float)
+                else:
+                    torch.mm(grad_logits.t(), rows_float, out=self.weight)
             else:
                 torch.mm(matmul_grad.t(), hidden_rows, out=self.weight_grad_scratch)
-                self.weight.add_(self.weight_grad_scratch)
+                if self.written:
+                    self.weight.add_(self.weight_grad_scratch)
+                else:
+                    self.weight.copy_(self.weight_grad_scratch)
         if self.bias is not None:
-            self.bias += grad_logits.sum(dim=0)
+            if self.written:
+                self.bias += grad_logits.sum(dim=0)
+            else:
+                torch.sum(grad_logits, dim=0, out=self.bias)
+        self.written = True
+
+    def finish(self) -> _GradientAccumulator:
+        """Zero gradients when no chunk was added (no trained row); returns self."""
+        if not self.written:
+            for gradient in (self.weight, self.bias):
+                if gradient is not None:
+                    gradient.zero_()
+        return self
 
 
 def _validate_inputs(
@@ -581,7 +608,7 @@ def fused_linear_cross_entropy(
             ``labels``' shape, 0 where not trained); the scale and soft-cap are applied to each chunk's
             logits, with their exact gradient.
         chunk_size: trained rows per chunk; default :func:`default_chunk_size` (float32 logits of a chunk
-            under min(256 MiB, half the weight gradient)).
+            under min(256 MiB, half the float32 weight gradient's size; a quarter with a frozen head)).
         return_correct: also return the number of trained positions whose argmax over the logits equals
             the target, counted chunk by chunk while the logits exist (no extra matmul).
         sync_free: process every position (fixed shapes, chunks of ``chunk_size`` positions), the untrained
@@ -681,7 +708,7 @@ def fused_linear_cross_entropy(
     rows = trained.nonzero().squeeze(1)
     num_trained = rows.shape[0]
     if chunk_size is None:
-        chunk_size = default_chunk_size(num_trained, vocab_size, hidden_size)
+        chunk_size = default_chunk_size(num_trained, vocab_size, hidden_size, weight.requires_grad)
 
     loss, correct_tokens = _ChunkedLinearCrossEntropy.apply(
         hidden.reshape(-1, hidden_size),
@@ -734,7 +761,7 @@ def _sync_free_loss(
     gather_targets = torch.where(trained, flat_targets, torch.zeros_like(flat_targets))
     flat_hidden = hidden.reshape(-1, hidden_size)
     if chunk_size is None:
-        chunk_size = default_chunk_size(flat_hidden.shape[0], vocab_size, hidden_size)
+        chunk_size = default_chunk_size(flat_hidden.shape[0], vocab_size, hidden_size, weight.requires_grad)
     per_token = reduction == "none"
     loss, correct_tokens = _ChunkedLinearCrossEntropy.apply(
         flat_hidden,

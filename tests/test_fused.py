@@ -307,6 +307,8 @@ def test_default_chunk_size_keeps_chunks_even_and_under_budget() -> None:
     assert default_chunk_size(2048, 128256, 2048) == 512
     assert default_chunk_size(8192, 128256, 4096) == 512  # the 256 MiB cap -> 523 rows: 16 chunks of 512
     assert default_chunk_size(10_000, 10**7, 8) == 64  # never fewer than 64 rows per chunk
+    # A frozen head allocates no weight gradient: a quarter of its size, 256 rows.
+    assert default_chunk_size(4096, 32000, 1024, trainable_head=False) == 256
 
 
 @settings(max_examples=30, deadline=None)
