@@ -18,8 +18,10 @@ by the warm-up does not hide the step's own. It includes the gradients wrt hidde
 
 Usage::
 
-    python benchmarks/bench_compile.py            # N=2048, H=1024, V=32000, 0% and 50% masked; writes results_compile.json
+    python benchmarks/bench_compile.py            # N=2048, H=1024, V=32000, 0% and 50% masked; writes
+                                                  # results_compile.json and its section of docs/performance.md
     python benchmarks/bench_compile.py --quick    # small shapes, prints only
+    python benchmarks/bench_compile.py --from-json benchmarks/results_compile.json   # rewrite the docs only
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import argparse
 import ctypes
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -38,6 +41,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 IMPLEMENTATIONS = ("fused", "sync_free", "compiled")
 SEQUENCE_LENGTH = 1024  # tokens per row; the masked fraction masks the start (the prompt) of every row
+SECTION_HEADING = "## Compiled: the sync-free fused loss under torch.compile"
+BEFORE_HEADING = "## Packing"  # this section goes before it
 
 
 @dataclass
@@ -54,6 +59,7 @@ class Measurement:
     implementation: str
     seconds_median: float
     seconds_all: list[float]
+    cpu_seconds_median: float
     warmup_seconds: float
     peak_extra_bytes: int
     loss: float
@@ -92,12 +98,15 @@ def run_worker(case: Case, implementation: str, repetitions: int) -> Measurement
     def step() -> float:
         hidden.grad = None
         weight.grad = None
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss = loss_fn(hidden, weight, labels)
         loss.backward()
         seconds = time.perf_counter() - start
+        step.cpu_seconds.append(time.process_time() - cpu_start)
         step.loss = float(loss.detach())
         return seconds
+
+    step.cpu_seconds = []
 
     warmup_seconds = step()
     hidden.grad = weight.grad = None
@@ -107,9 +116,16 @@ def run_worker(case: Case, implementation: str, repetitions: int) -> Measurement
         clear_refs.write("5")
     step()
     peak_extra = _resident_bytes("VmHWM") - baseline
+    step.cpu_seconds.clear()
     seconds = [step() for _ in range(repetitions)]
     return Measurement(
-        implementation, statistics.median(seconds), seconds, warmup_seconds, peak_extra, step.loss
+        implementation,
+        statistics.median(seconds),
+        seconds,
+        statistics.median(step.cpu_seconds),
+        warmup_seconds,
+        peak_extra,
+        step.loss,
     )
 
 
@@ -137,18 +153,72 @@ def device_description() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__})"
 
 
+def section_text(saved: dict) -> str:
+    lines = [
+        SECTION_HEADING,
+        "",
+        "`fused_linear_cross_entropy(..., sync_free=True)` inside `torch.compile(fullgraph=True, dynamic=False)`",
+        "(what the trainer runs with `torch_compile=True`, `fused_sync_free` on) against the same call in eager",
+        "mode and against the default mode, which projects only the trained rows (a host sync to count them).",
+        "Forward + backward, gradients wrt hidden and a trainable weight, float32; each implementation in its",
+        f"own process; median of {saved['repetitions']} steps after a warm-up step (the compilation, reported",
+        "separately); peak extra memory is the resident-set high-water mark of one step over the memory before",
+        f"it. {saved['device']}. Reproduce with `python benchmarks/bench_compile.py`",
+        "(results: `benchmarks/results_compile.json`).",
+        "",
+        "| N × H × V | masked | implementation | time (s) | CPU time (s) | compile / warm-up (s) "
+        "| peak extra (MiB) | CPU time / default mode | CPU time / sync-free eager | memory / default mode |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    names = {
+        "fused": "default mode (eager)",
+        "sync_free": "sync-free, eager",
+        "compiled": "sync-free, compiled",
+    }
+    for entry in saved["results"]:
+        case, measured = entry["case"], entry["measured"]
+        base, sync_free = measured["fused"], measured["sync_free"]
+        for name, m in measured.items():
+            lines.append(
+                f"| {case['tokens']} × {case['hidden_size']} × {case['vocab_size'] // 1000}k "
+                f"| {case['masked_fraction']:.0%} | {names[name]} | {m['seconds_median']:.2f} "
+                f"| {m['cpu_seconds_median']:.2f} | {m['warmup_seconds']:.1f} | {m['peak_extra_bytes'] / 2**20:.0f} "
+                f"| {m['cpu_seconds_median'] / base['cpu_seconds_median']:.2f} "
+                f"| {m['cpu_seconds_median'] / sync_free['cpu_seconds_median']:.2f} "
+                f"| {m['peak_extra_bytes'] / max(base['peak_extra_bytes'], 1):.2f} |"
+            )
+    return "\n".join(lines) + "\n\n" + saved.get("analysis", "") + "\n"
+
+
+def write_section(performance_md: Path, section: str) -> None:
+    """Replace (or add, before the packing section) this section, leaving the others untouched."""
+    text = performance_md.read_text()
+    pattern = re.compile(rf"^{re.escape(SECTION_HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1)
+    else:
+        index = text.index(BEFORE_HEADING + "\n")
+        text = text[:index] + section.rstrip("\n") + "\n\n" + text[index:]
+    performance_md.write_text(text.rstrip("\n") + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="small shapes; prints only")
     parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--from-json", type=Path, help="rewrite the docs from saved results, measure nothing")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         spec = json.loads(args.worker)
         measurement = run_worker(Case(**spec["case"]), spec["implementation"], spec["repetitions"])
         print(json.dumps(asdict(measurement)))
+        return
+    results_json = REPO / "benchmarks" / "results_compile.json"
+    if args.from_json:
+        write_section(REPO / "docs" / "performance.md", section_text(json.loads(args.from_json.read_text())))
         return
 
     shape = (1024, 256, 8000) if args.quick else (2048, 1024, 32000)
@@ -184,8 +254,15 @@ def main() -> None:
             )
 
     if not args.quick:
-        saved = {"device": device_description(), "repetitions": args.repetitions, "results": results}
-        (REPO / "benchmarks" / "results_compile.json").write_text(json.dumps(saved, indent=1) + "\n")
+        previous = json.loads(results_json.read_text()) if results_json.exists() else {}
+        saved = {
+            "device": device_description(),
+            "repetitions": args.repetitions,
+            "analysis": previous.get("analysis", ""),  # written by hand, kept across runs
+            "results": results,
+        }
+        results_json.write_text(json.dumps(saved, indent=1) + "\n")
+        write_section(REPO / "docs" / "performance.md", section_text(saved))
 
 
 if __name__ == "__main__":

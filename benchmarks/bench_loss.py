@@ -465,9 +465,8 @@ float32 upcast; `transformers`). Forward + backward (gradients wrt hidden, and w
 head trains), each implementation in its own process, implementations in a rotating order.
 Time: {saved["repetitions"]} timed step(s) after a warm-up step (median of
 {saved.get("headline_repetitions", saved["repetitions"])} for the headline), wall clock and the CPU time of the
-process; **the ratios use CPU time**, which a shared machine disturbs less (other engineers' test runs
-shared these 2 cores: load average {saved.get("loadavg_before", "?")} before, {saved.get("loadavg_after", "?")}
-after). Peak extra memory: the resident-set high-water mark of the warm-up step minus the memory
+process; **the ratios use CPU time**, which a shared machine disturbs less (load average
+{saved.get("loadavg_before", "?")} before, {saved.get("loadavg_after", "?")} after). Peak extra memory: the resident-set high-water mark of the warm-up step minus the memory
 holding the inputs; it includes the gradients every implementation returns ((N + V) · H elements with a
 trainable head, N · H frozen); "workspace" is what is left: what the loss itself costs.
 "masked": the fraction of positions whose label is -100 (the start of every 1024-token row, like a
@@ -475,7 +474,7 @@ prompt). Reproduce with `python benchmarks/bench_loss.py` (results: `benchmarks/
 
 Shapes (N × H × V): {shapes} (the same N · H · V, so the same FLOPs: 128k gets half the tokens and
 half the hidden size, so that 24 settings × 5 implementations, 120 processes, run in
-{saved.get("seconds", 0) / 60:.0f} minutes on this loaded CPU), and the issue's 4096 × 1024 × 32k for the
+{saved.get("seconds", 0) / 60:.0f} minutes on this CPU), and the issue's 4096 × 1024 × 32k for the
 headline. {saved.get("passes", "")} Measured on {saved["device"]}.
 
 Ours against TRL's function (targets on CPU: ≤ {TIME_TARGET}× its time and ≤ {MEMORY_TARGET}× its memory):
