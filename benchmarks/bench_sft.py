@@ -23,6 +23,9 @@ ShiftLossTrainer runs the fused loss on the trained positions only.
 Settings, set explicitly and equally on both sides:
   - ``fp32``: float32, no activation (gradient) checkpointing: TrainingArguments' defaults.
   - ``bf16_ckpt``: bf16 autocast + activation checkpointing: SFTConfig's defaults.
+  - ``fp32_padding_free``, ``bf16_ckpt_padding_free``: the same with ``padding_free=True`` for both (each
+    micro-batch's rows laid end to end in one row with ``position_ids``; TRL documents it for flash
+    attention, and with sdpa it also keeps the rows apart: it calls the model with ``use_cache=False``).
 
 Each (trainer, setting) runs in its own process. Measured: the training loop's wall and CPU time
 (``on_train_begin`` to ``on_train_end``: model loading, data preparation and evaluation excluded), the
@@ -34,7 +37,7 @@ encoded by ``hf_shift_loss`` with ``train_on="completion"``; the exact mean over
 
 Usage::
 
-    python benchmarks/bench_sft.py                      # 4 processes, 7 min on 2 quiet cores; writes
+    python benchmarks/bench_sft.py                      # 8 processes, ~15 min on 2 quiet cores; writes
                                                         # benchmarks/results_sft.json, the section of
                                                         # docs/performance.md and docs/img/bench_sft.png
     python benchmarks/bench_sft.py --steps 4 --settings fp32   # shorter
@@ -56,12 +59,22 @@ REPO = Path(__file__).resolve().parent.parent
 SECTION_HEADING = "## End to end: ShiftLossTrainer against TRL's SFTTrainer"
 GPU_SECTION_HEADING = "## GPU suite"  # this section goes before it
 SETTINGS = {
-    "fp32": {"bf16": False, "activation_checkpointing": False},
-    "bf16_ckpt": {"bf16": True, "activation_checkpointing": True},
+    "fp32": {"bf16": False, "activation_checkpointing": False, "padding_free": False},
+    "bf16_ckpt": {"bf16": True, "activation_checkpointing": True, "padding_free": False},
+    "fp32_padding_free": {"bf16": False, "activation_checkpointing": False, "padding_free": True},
+    "bf16_ckpt_padding_free": {"bf16": True, "activation_checkpointing": True, "padding_free": True},
 }
 SETTING_NAMES = {
     "fp32": "float32, no checkpointing",
     "bf16_ckpt": "bf16 autocast + activation checkpointing (TRL's defaults)",
+    "fp32_padding_free": "float32, no checkpointing, padding-free batches (both)",
+    "bf16_ckpt_padding_free": "bf16 + checkpointing, padding-free batches (both)",
+}
+SHORT_NAMES = {
+    "fp32": "float32",
+    "bf16_ckpt": "bf16 autocast\n+ checkpointing",
+    "fp32_padding_free": "float32,\npadding-free",
+    "bf16_ckpt_padding_free": "bf16 + ckpt,\npadding-free",
 }
 TRAINERS = ("trl", "ours")
 HELD_OUT_ROWS = 16
@@ -206,8 +219,13 @@ def run_worker(trainer_name: str, setting: str, steps: int, output_dir: str) -> 
             remove_columns=["messages"],
         )
         # gradient_checkpointing is SFTConfig's (deprecated) alias; set it equal so that nothing turns it on.
+        # TRL refuses padding_free with a max_length unless it packs (it would not truncate): no row here is
+        # longer than 382 tokens, so max_length=None trains exactly the same tokens.
+        max_length = None if SETTINGS[setting]["padding_free"] else 384
         args = SFTConfig(
-            max_length=384, gradient_checkpointing=SETTINGS[setting]["activation_checkpointing"], **common
+            max_length=max_length,
+            gradient_checkpointing=SETTINGS[setting]["activation_checkpointing"],
+            **common,
         )
         trainer = SFTTrainer(
             model=model, args=args, train_dataset=train, processing_class=tokenizer, peft_config=lora
@@ -321,6 +339,7 @@ def ratios(results: list[dict]) -> list[dict]:
                 "tokens_per_cpu_second": ours["tokens_per_cpu_second"] / trl["tokens_per_cpu_second"],
                 "peak_rss": ours["peak_rss_bytes"] / trl["peak_rss_bytes"],
                 "peak_rise": ours["peak_rise_bytes"] / trl["peak_rise_bytes"],
+                "step_speedup": trl["seconds"] / ours["seconds"],
                 "held_out_loss": ours["held_out_loss"] / trl["held_out_loss"] - 1.0,
                 "held_out_loss_after_first": ours["held_out_loss_after_first"]
                 / trl["held_out_loss_after_first"]
@@ -349,10 +368,11 @@ def markdown_tables(saved: dict) -> str:
         )
     lines += [
         "",
-        f"| setting | trained tokens/s, ours / TRL (≥ {SPEED_TARGET}) | tokens/s | tokens per CPU s "
+        f"| setting | trained tokens/s, ours / TRL (≥ {SPEED_TARGET}) | time per step, TRL / ours | tokens/s "
+        "| tokens per CPU s "
         f"| peak RSS, ours / TRL (≤ {MEMORY_TARGET}) | peak rise | held-out loss, ours vs TRL (within 1 %) "
         "| held-out after the first answer token |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in ratios(results):
         speed = "" if r["trained_tokens_per_second"] >= SPEED_TARGET else " (missed)"
@@ -362,7 +382,7 @@ def markdown_tables(saved: dict) -> str:
         loss_after = "" if abs(r["held_out_loss_after_first"]) <= LOSS_TOLERANCE else " (missed)"
         lines.append(
             f"| {SETTING_NAMES[r['setting']]} | {r['trained_tokens_per_second']:.2f}x{speed} "
-            f"| {r['tokens_per_second']:.2f}x | {r['tokens_per_cpu_second']:.2f}x | {r['peak_rss']:.2f}{memory} "
+            f"| {r['step_speedup']:.2f}x | {r['tokens_per_second']:.2f}x | {r['tokens_per_cpu_second']:.2f}x | {r['peak_rss']:.2f}{memory} "
             f"| {r['peak_rise']:.2f}{rise} | {r['held_out_loss']:+.2%}{loss} "
             f"| {r['held_out_loss_after_first']:+.2%}{loss_after} |"
         )
@@ -377,7 +397,7 @@ def plot(saved: dict, path: Path) -> None:
 
     results = saved["results"]
     settings = [s for s in SETTINGS if any(r["setting"] == s for r in results)]
-    figure, axes = plt.subplots(1, 4, figsize=(15, 4))
+    figure, axes = plt.subplots(1, 4, figsize=(17, 4.2))
     metrics = (
         ("trained_tokens_per_second", "trained tokens / s", 1.0),
         ("peak_rise_bytes", "peak RSS rise during training (MiB)", 2**-20),
@@ -398,8 +418,7 @@ def plot(saved: dict, path: Path) -> None:
                 [i + (offset - 0.5) * width for i in range(len(settings))], values, width, label=label
             )
             axis.bar_label(bars, fmt="%.3f" if key.startswith("held_out") else "%.0f", fontsize=7)
-        short = {"fp32": "float32", "bf16_ckpt": "bf16 autocast\n+ checkpointing"}
-        axis.set_xticks(range(len(settings)), [short[s] for s in settings], fontsize=8)
+        axis.set_xticks(range(len(settings)), [SHORT_NAMES[s] for s in settings], fontsize=7)
         axis.set_title(title, fontsize=9)
         if key.startswith("held_out"):
             low = min(r[key] for r in results)
@@ -428,8 +447,10 @@ as a conversational prompt/completion (on `messages` TRL trains every token, and
 per row more. Precision and recomputation are set explicitly and equally (`bf16`,
 `activation_checkpointing`, non-reentrant), and checked on the model at the start of training. Each run in its own
 process, one after the other; {saved["device"]}, load average {saved["loadavg_before"]} before,
-{saved["loadavg_after"]} after (the machine is shared with other engineers' test runs; under load the
-wall and even the CPU times of these runs vary by 2x, see below).
+{saved["loadavg_after"]} after (the times of TRL's float32 runs vary from run to run even on a quiet
+machine: see the repeats below). With `padding_free` TRL runs with `max_length=None` (it refuses a
+`max_length` it would not enforce without packing): no row is longer than 382 tokens, so both train
+the same tokens.
 
 Time: the training loop only (`on_train_begin` to `on_train_end`). Tokens: every non-padding token of
 the batches trained; trained tokens: labels after the shift that are not -100. Peak RSS: the process's
@@ -475,7 +496,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated: fp32,bf16_ckpt")
+    parser.add_argument(
+        "--settings", default=",".join(SETTINGS), help=f"comma-separated: {','.join(SETTINGS)}"
+    )
     parser.add_argument("--from-json", type=Path, help="rewrite the docs from saved results, measure nothing")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
