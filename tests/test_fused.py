@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hf_shift_loss.fused import default_chunk_size, fused_linear_cross_entropy
+from hf_shift_loss.fused import _GradientAccumulator, default_chunk_size, fused_linear_cross_entropy
 from hf_shift_loss.loss import causal_lm_loss, count_correct_tokens
 
 BATCH, SEQ, HIDDEN, VOCAB = 2, 9, 16, 37
@@ -126,6 +126,25 @@ def test_no_trained_token_is_zero_loss_and_zero_grads(reduction: str) -> None:
     for tensor in (hidden, weight, bias):
         assert tensor.grad is not None
         assert (tensor.grad == 0).all()
+
+
+def test_gradient_buffers_are_written_by_the_first_chunk_or_zeroed_when_there_is_none() -> None:
+    hidden, weight, bias = torch.randn(6, 4), torch.randn(5, 4), torch.randn(5)
+    untouched = _GradientAccumulator(hidden, weight, bias, (True, True, True), rows_per_chunk=2)
+    untouched.weight.fill_(float("nan"))  # what an uninitialized buffer may hold
+    untouched.bias.fill_(float("nan"))
+    untouched.finish()
+    assert (untouched.weight == 0).all() and (untouched.bias == 0).all()
+    grads = _GradientAccumulator(hidden, weight, bias, (True, True, True), rows_per_chunk=2)
+    grads.weight.fill_(float("nan"))
+    grads.bias.fill_(float("nan"))
+    grad_logits = torch.randn(2, 5)
+    for chunk in (torch.tensor([0, 3]), torch.tensor([4, 5])):  # the second chunk adds to the first
+        grads.add_chunk(grad_logits, None, hidden[chunk], chunk)
+    grads.finish()
+    expected = grad_logits.t() @ hidden[[0, 3]] + grad_logits.t() @ hidden[[4, 5]]
+    assert torch.allclose(grads.weight, expected, atol=1e-6)
+    assert torch.allclose(grads.bias, 2 * grad_logits.sum(0), atol=1e-6)
 
 
 class MatmulCounter(TorchDispatchMode):
