@@ -15,7 +15,7 @@ from chat_tokenizers import (
     qwen25_tools_tokenizer,
     smollm2_tokenizer,
 )
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
 from hf_shift_loss.data import chat
@@ -664,7 +664,23 @@ def fuzz_conversations(draw) -> list:
     return messages
 
 
+def tokenize_as_generation_sees_it(tokenizer, text: str, assistant_starts: list[int]) -> dict[str, list]:
+    """The rendered text's tokens, cut where a token of the whole text would straddle an assistant turn's
+    start: there the context ends with the generation prompt (``<|im_start|>assistant\\n``) as a piece of
+    its own, as it does at generation time (``add_generation_prompt=True``)."""
+    whole = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    cuts = [cut for cut in assistant_starts if any(a < cut < b for a, b in whole["offset_mapping"])]
+    input_ids, offsets = [], []
+    for piece_start, piece_end in zip([0, *cuts], [*cuts, len(text)], strict=True):
+        piece = tokenizer(text[piece_start:piece_end], add_special_tokens=False, return_offsets_mapping=True)
+        input_ids += piece["input_ids"]
+        offsets += [(piece_start + a, piece_start + b) for a, b in piece["offset_mapping"]]
+    return {"input_ids": input_ids, "offset_mapping": offsets}
+
+
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(messages=[{"role": "assistant", "content": " "}], max_length=None)  # BPE: "\n" + " " merge
+@example(messages=[{"role": "assistant", "content": " "}], max_length=2)
 @given(messages=fuzz_conversations(), max_length=st.one_of(st.none(), st.integers(2, 300)))
 def test_fuzz_encoder_returns_aligned_assistant_only_labels_or_a_value_error_naming_the_row(
     messages, max_length
@@ -694,7 +710,8 @@ def test_fuzz_encoder_returns_aligned_assistant_only_labels_or_a_value_error_nam
     kept = messages[:n_system] + messages[n_system + encoded["dropped_turns"] :]
     text, spans = render_chatml(kept)
     assert tokenizer.apply_chat_template(kept, tokenize=False) == text
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    assistant_starts = [start for role, start, _ in spans if role == "assistant"]
+    encoding = tokenize_as_generation_sees_it(tokenizer, text, assistant_starts)
     ids, labels = encoded["input_ids"], encoded["labels"]
     assert len(labels) == len(ids) and ids == encoding["input_ids"][: len(ids)]
     assert encoded["truncated_tokens"] == len(encoding["input_ids"]) - len(ids)
