@@ -1,4 +1,5 @@
-"""Small real components built in-process for the tests: a word-level tokenizer and a tiny Llama."""
+"""Small real components built in-process for the tests: a word-level tokenizer, a tiny Llama, and the
+fused loss's inputs with a matmul counter."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 # The tiny Llama builder lives with the recipe's models (recipes/sft_models.py); 2-rank scripts import
@@ -67,6 +69,57 @@ def tiny_llama(
         seed=seed,
         attn_implementation=attn_implementation,
     )
+
+
+# The fused-loss tests' default shape: batch, sequence, hidden size, vocabulary.
+FUSED_SHAPE = (2, 9, 16, 37)
+
+
+def fused_inputs(
+    seed: int = 0,
+    *,
+    batch: int = FUSED_SHAPE[0],
+    seq: int = FUSED_SHAPE[1],
+    hidden_size: int = FUSED_SHAPE[2],
+    vocab: int = FUSED_SHAPE[3],
+    with_bias: bool = False,
+    masked_fraction: float = 0.3,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``(hidden [batch, seq, H], weight [V, H], bias [V] or None, labels [batch, seq])``, random, with
+    about ``masked_fraction`` of the labels -100; the float tensors require grad."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, seq, hidden_size, generator=generator).to(dtype).requires_grad_()
+    weight = torch.randn(vocab, hidden_size, generator=generator).to(dtype).requires_grad_()
+    bias = torch.randn(vocab, generator=generator).to(dtype).requires_grad_() if with_bias else None
+    labels = torch.randint(0, vocab, (batch, seq), generator=generator)
+    labels[torch.rand(batch, seq, generator=generator) < masked_fraction] = -100
+    return hidden, weight, bias, labels
+
+
+class MatmulCounter(TorchDispatchMode):
+    """Counts the FLOPs of every matrix multiply; records every op's name and output shapes, and the
+    largest output any op creates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.matmul_flops = 0
+        self.largest_output = 0
+        self.ops: list[tuple[str, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in ("mm", "addmm", "addmm_"):
+            left, right = (args[0], args[1]) if name == "mm" else (args[1], args[2])
+            self.matmul_flops += 2 * left.shape[0] * left.shape[1] * right.shape[1]
+        out = func(*args, **kwargs)
+        tensors = [
+            t for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor)
+        ]
+        self.ops.append((name, tuple(tuple(t.shape) for t in tensors)))
+        self.largest_output = max([self.largest_output, *(t.numel() for t in tensors)])
+        return out
 
 
 def leave_process_group(accelerator) -> None:

@@ -4,34 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import FUSED_SHAPE, MatmulCounter, fused_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_shift_loss.fused import _GradientAccumulator, default_chunk_size, fused_linear_cross_entropy
 from hf_shift_loss.loss import causal_lm_loss, count_correct_tokens
 
-BATCH, SEQ, HIDDEN, VOCAB = 2, 9, 16, 37
-
-
-def make_inputs(
-    seed: int = 0,
-    *,
-    batch: int = BATCH,
-    seq: int = SEQ,
-    hidden_size: int = HIDDEN,
-    vocab: int = VOCAB,
-    with_bias: bool = False,
-    masked_fraction: float = 0.3,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(batch, seq, hidden_size, generator=generator).to(dtype).requires_grad_()
-    weight = torch.randn(vocab, hidden_size, generator=generator).to(dtype).requires_grad_()
-    bias = torch.randn(vocab, generator=generator).to(dtype).requires_grad_() if with_bias else None
-    labels = torch.randint(0, vocab, (batch, seq), generator=generator)
-    labels[torch.rand(batch, seq, generator=generator) < masked_fraction] = -100
-    return hidden, weight, bias, labels
+BATCH, SEQ, HIDDEN, VOCAB = FUSED_SHAPE
 
 
 def eager_loss(hidden, weight, bias, labels, **options) -> torch.Tensor:
@@ -69,7 +49,7 @@ def assert_matches_eager(hidden, weight, bias, labels, grad_rtol: float = 1e-4, 
 def test_matches_causal_lm_loss(
     reduction: str, label_smoothing: float, z_loss: float, with_bias: bool
 ) -> None:
-    hidden, weight, bias, labels = make_inputs(with_bias=with_bias)
+    hidden, weight, bias, labels = fused_inputs(with_bias=with_bias)
     # 5 does not divide the trained rows: the last chunk is partial.
     assert_matches_eager(
         hidden,
@@ -85,13 +65,13 @@ def test_matches_causal_lm_loss(
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 7, 64, None])
 def test_any_chunk_size_gives_the_same_loss(chunk_size: int | None) -> None:
-    hidden, weight, bias, labels = make_inputs(seed=2, with_bias=True)
+    hidden, weight, bias, labels = fused_inputs(seed=2, with_bias=True)
     assert_matches_eager(hidden, weight, bias, labels, chunk_size=chunk_size, z_loss=1e-3)
 
 
 @pytest.mark.parametrize("num_items_in_batch", [5, 40.0, torch.tensor(23)])
 def test_num_items_in_batch_is_the_mean_denominator(num_items_in_batch) -> None:
-    hidden, weight, bias, labels = make_inputs(seed=3)
+    hidden, weight, bias, labels = fused_inputs(seed=3)
     assert_matches_eager(hidden, weight, bias, labels, num_items_in_batch=num_items_in_batch, chunk_size=4)
     summed = fused_linear_cross_entropy(hidden, weight, labels, reduction="sum")
     mean = fused_linear_cross_entropy(hidden, weight, labels, num_items_in_batch=num_items_in_batch)
@@ -99,7 +79,7 @@ def test_num_items_in_batch_is_the_mean_denominator(num_items_in_batch) -> None:
 
 
 def test_shift_false_and_flat_tokens() -> None:
-    hidden, weight, bias, labels = make_inputs(seed=4)
+    hidden, weight, bias, labels = fused_inputs(seed=4)
     assert_matches_eager(hidden, weight, bias, labels, shift=False, chunk_size=6)
     # [tokens, hidden] with [tokens] labels: one sequence.
     flat_hidden = hidden.detach()[0].requires_grad_()
@@ -107,7 +87,7 @@ def test_shift_false_and_flat_tokens() -> None:
 
 
 def test_reduction_none_is_zero_where_not_trained() -> None:
-    hidden, weight, _, labels = make_inputs(seed=5)
+    hidden, weight, _, labels = fused_inputs(seed=5)
     token_losses = fused_linear_cross_entropy(hidden, weight, labels, reduction="none")
     targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
     assert token_losses.shape == labels.shape
@@ -117,7 +97,7 @@ def test_reduction_none_is_zero_where_not_trained() -> None:
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_no_trained_token_is_zero_loss_and_zero_grads(reduction: str) -> None:
-    hidden, weight, bias, labels = make_inputs(with_bias=True)
+    hidden, weight, bias, labels = fused_inputs(with_bias=True)
     labels[:, 1:] = -100  # only the first column is trained, and the shift drops it
     loss = fused_linear_cross_entropy(hidden, weight, labels, bias=bias, reduction=reduction)
     assert not loss.isnan().any()
@@ -147,34 +127,13 @@ def test_gradient_buffers_are_written_by_the_first_chunk_or_zeroed_when_there_is
     assert torch.allclose(grads.bias, 2 * grad_logits.sum(0), atol=1e-6)
 
 
-class MatmulCounter(TorchDispatchMode):
-    """Counts the FLOPs of every matrix multiply, and the largest tensor any op creates."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.matmul_flops = 0
-        self.largest_output = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func.overloadpacket.__name__
-        if name in ("mm", "addmm", "addmm_"):
-            left, right = (args[0], args[1]) if name == "mm" else (args[1], args[2])
-            self.matmul_flops += 2 * left.shape[0] * left.shape[1] * right.shape[1]
-        out = func(*args, **kwargs)
-        for tensor in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(tensor, torch.Tensor):
-                self.largest_output = max(self.largest_output, tensor.numel())
-        return out
-
-
 def trained_token_count(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != -100).sum())
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_frozen_weight_skips_the_weight_gradient(reduction: str) -> None:
-    hidden, weight, _, labels = make_inputs(seed=6)
+    hidden, weight, _, labels = fused_inputs(seed=6)
     trained_flops = 2 * trained_token_count(labels) * HIDDEN * VOCAB  # one matmul over the trained rows
 
     with MatmulCounter() as counter:
@@ -193,7 +152,7 @@ def test_frozen_weight_skips_the_weight_gradient(reduction: str) -> None:
 
 
 def test_never_more_than_one_chunk_of_logits() -> None:
-    hidden, weight, _, labels = make_inputs(seed=7, batch=4, seq=64, vocab=500, hidden_size=8)
+    hidden, weight, _, labels = fused_inputs(seed=7, batch=4, seq=64, vocab=500, hidden_size=8)
     chunk_size = 16
     with MatmulCounter() as counter:
         fused_linear_cross_entropy(hidden, weight, labels, chunk_size=chunk_size).backward()
@@ -205,7 +164,7 @@ def test_never_more_than_one_chunk_of_logits() -> None:
 
 
 def test_untrained_rows_cost_no_flops() -> None:
-    hidden, weight, _, labels = make_inputs(seed=8, masked_fraction=0.0)
+    hidden, weight, _, labels = fused_inputs(seed=8, masked_fraction=0.0)
     labels[0] = -100  # half the batch is prompt
     with MatmulCounter() as counter:
         fused_linear_cross_entropy(hidden, weight, labels, chunk_size=3).backward()
@@ -213,7 +172,7 @@ def test_untrained_rows_cost_no_flops() -> None:
 
 
 def test_bfloat16_inputs_give_a_float32_loss() -> None:
-    hidden, weight, bias, labels = make_inputs(seed=9, dtype=torch.bfloat16, with_bias=True)
+    hidden, weight, bias, labels = fused_inputs(seed=9, dtype=torch.bfloat16, with_bias=True)
     loss, grads = loss_and_grads(fused_loss, hidden, weight, bias, labels, chunk_size=5, z_loss=1e-3)
     expected, expected_grads = loss_and_grads(eager_loss, hidden, weight, bias, labels, z_loss=1e-3)
     assert loss.dtype == torch.float32
@@ -225,7 +184,7 @@ def test_bfloat16_inputs_give_a_float32_loss() -> None:
 
 def test_weight_gradient_accumulates_in_float32() -> None:
     # 2048 trained rows of bfloat16 gradients: summed in bfloat16 the result would drift by ~1e-2.
-    hidden, weight, _, labels = make_inputs(
+    hidden, weight, _, labels = fused_inputs(
         seed=10, batch=1, seq=2049, masked_fraction=0.0, dtype=torch.bfloat16
     )
     fused_linear_cross_entropy(hidden, weight, labels, reduction="sum", chunk_size=64).backward()
@@ -238,7 +197,7 @@ def test_weight_gradient_accumulates_in_float32() -> None:
 
 
 def test_accuracy_counts_argmax_hits_chunk_by_chunk() -> None:
-    hidden, weight, _, labels = make_inputs(seed=11, batch=3, seq=20, masked_fraction=0.0)
+    hidden, weight, _, labels = fused_inputs(seed=11, batch=3, seq=20, masked_fraction=0.0)
     predicted_next = (hidden @ weight.T).argmax(-1)  # [batch, seq]: the prediction for position t + 1
     # Every odd position's token is the model's prediction, so the count is neither 0 nor all.
     labels[:, 1::2] = predicted_next[:, 0::2]
@@ -256,7 +215,7 @@ def test_accuracy_counts_argmax_hits_chunk_by_chunk() -> None:
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shift", [True, False])
 def test_return_correct_changes_nothing_but_adds_the_count(reduction: str, shift: bool) -> None:
-    hidden, weight, bias, labels = make_inputs(seed=15, batch=3, seq=20, with_bias=True)
+    hidden, weight, bias, labels = fused_inputs(seed=15, batch=3, seq=20, with_bias=True)
     predicted = (hidden @ weight.T + bias).argmax(-1)
     labels[:, 1::3] = predicted[:, 0:-1:3] if shift else predicted[:, 1::3]  # some hits, not all
     options = {"bias": bias, "reduction": reduction, "shift": shift, "z_loss": 1e-3, "chunk_size": 7}
@@ -276,7 +235,7 @@ def test_return_correct_changes_nothing_but_adds_the_count(reduction: str, shift
 
 
 def test_no_grad_mode_computes_only_the_loss() -> None:
-    hidden, weight, _, labels = make_inputs(seed=12)
+    hidden, weight, _, labels = fused_inputs(seed=12)
     with torch.no_grad(), MatmulCounter() as counter:
         loss = fused_linear_cross_entropy(hidden, weight, labels, chunk_size=5)
     assert counter.matmul_flops == 2 * trained_token_count(labels) * HIDDEN * VOCAB
@@ -284,7 +243,7 @@ def test_no_grad_mode_computes_only_the_loss() -> None:
 
 
 def test_second_backward_raises() -> None:
-    hidden, weight, _, labels = make_inputs(seed=13)
+    hidden, weight, _, labels = fused_inputs(seed=13)
     loss = fused_linear_cross_entropy(hidden, weight, labels)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="twice"):
@@ -292,7 +251,7 @@ def test_second_backward_raises() -> None:
 
 
 def test_bad_input_raises_value_error_naming_the_problem() -> None:
-    hidden, weight, _, labels = make_inputs(seed=14)
+    hidden, weight, _, labels = fused_inputs(seed=14)
     bad = labels.clone()
     bad[1, 4] = VOCAB
     with pytest.raises(ValueError, match=r"label 37 at position \(1, 3\)"):  # reported after the shift
@@ -346,7 +305,7 @@ def test_default_chunk_size_keeps_chunks_even_and_under_budget() -> None:
 def test_property_equals_eager(
     batch, seq, hidden_size, vocab, masked_fraction, chunk_size, reduction, label_smoothing, z_loss, seed
 ) -> None:
-    hidden, weight, bias, labels = make_inputs(
+    hidden, weight, bias, labels = fused_inputs(
         seed, batch=batch, seq=seq, hidden_size=hidden_size, vocab=vocab, masked_fraction=masked_fraction
     )
     assert_matches_eager(

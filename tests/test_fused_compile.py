@@ -8,29 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import FUSED_SHAPE, MatmulCounter, fused_inputs
 
 from hf_shift_loss.fused import fused_linear_cross_entropy
 
-BATCH, SEQ, HIDDEN, VOCAB = 2, 9, 16, 37
-
-
-def make_inputs(
-    seed: int = 0,
-    *,
-    batch: int = BATCH,
-    seq: int = SEQ,
-    with_bias: bool = False,
-    masked_fraction: float = 0.3,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(batch, seq, HIDDEN, generator=generator).to(dtype).requires_grad_()
-    weight = torch.randn(VOCAB, HIDDEN, generator=generator).to(dtype).requires_grad_()
-    bias = torch.randn(VOCAB, generator=generator).to(dtype).requires_grad_() if with_bias else None
-    labels = torch.randint(0, VOCAB, (batch, seq), generator=generator)
-    labels[torch.rand(batch, seq, generator=generator) < masked_fraction] = -100
-    return hidden, weight, bias, labels
+BATCH, SEQ, HIDDEN, VOCAB = FUSED_SHAPE
 
 
 def run(hidden, weight, bias, labels, upstream=None, **options):
@@ -65,7 +47,7 @@ def assert_sync_free_matches(
 def test_equals_the_default_mode(
     reduction: str, label_smoothing: float, z_loss: float, with_bias: bool
 ) -> None:
-    hidden, weight, bias, labels = make_inputs(with_bias=with_bias)
+    hidden, weight, bias, labels = fused_inputs(with_bias=with_bias)
     options = {"reduction": reduction, "label_smoothing": label_smoothing, "z_loss": z_loss, "chunk_size": 5}
     assert_sync_free_matches(hidden, weight, bias, labels, return_correct=True, **options)
 
@@ -75,7 +57,7 @@ def test_equals_the_default_mode(
 def test_scaled_and_soft_capped_heads(
     reduction: str, logit_scale: float, logit_softcap: float | None
 ) -> None:
-    hidden, weight, bias, labels = make_inputs(seed=1, with_bias=True)
+    hidden, weight, bias, labels = fused_inputs(seed=1, with_bias=True)
     options = {"logit_scale": logit_scale, "logit_softcap": logit_softcap, "z_loss": 1e-3}
     assert_sync_free_matches(hidden, weight, bias, labels, reduction=reduction, chunk_size=4, **options)
 
@@ -83,7 +65,7 @@ def test_scaled_and_soft_capped_heads(
 @pytest.mark.parametrize("chunk_size", [1, 3, 7, 18, 64, None])
 @pytest.mark.parametrize("num_items_in_batch", [None, 40.0, torch.tensor(23)])
 def test_any_chunk_size_and_denominator(chunk_size: int | None, num_items_in_batch) -> None:
-    hidden, weight, bias, labels = make_inputs(seed=2, with_bias=True)
+    hidden, weight, bias, labels = fused_inputs(seed=2, with_bias=True)
     assert_sync_free_matches(
         hidden, weight, bias, labels, chunk_size=chunk_size, num_items_in_batch=num_items_in_batch
     )
@@ -91,7 +73,7 @@ def test_any_chunk_size_and_denominator(chunk_size: int | None, num_items_in_bat
 
 @pytest.mark.parametrize("shift", [True, False])
 def test_shift_and_flat_tokens(shift: bool) -> None:
-    hidden, weight, _, labels = make_inputs(seed=3)
+    hidden, weight, _, labels = fused_inputs(seed=3)
     assert_sync_free_matches(hidden, weight, None, labels, shift=shift, chunk_size=6, return_correct=True)
     flat_hidden = hidden.detach()[0].requires_grad_()
     assert_sync_free_matches(flat_hidden, weight, None, labels[0], shift=shift, chunk_size=6)
@@ -99,7 +81,7 @@ def test_shift_and_flat_tokens(shift: bool) -> None:
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_frozen_weight(reduction: str) -> None:
-    hidden, weight, bias, labels = make_inputs(seed=4, with_bias=True)
+    hidden, weight, bias, labels = fused_inputs(seed=4, with_bias=True)
     weight.requires_grad_(False)
     bias.requires_grad_(False)
     assert_sync_free_matches(hidden, weight, bias, labels, reduction=reduction, chunk_size=5)
@@ -111,7 +93,7 @@ def test_frozen_weight(reduction: str) -> None:
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_bfloat16(reduction: str) -> None:
-    hidden, weight, bias, labels = make_inputs(seed=5, with_bias=True, dtype=torch.bfloat16)
+    hidden, weight, bias, labels = fused_inputs(seed=5, with_bias=True, dtype=torch.bfloat16)
     options = {"reduction": reduction, "z_loss": 1e-3, "logit_softcap": 4.0, "return_correct": True}
     # The same bfloat16 logits and float32 loss math; the gradients are rounded to bfloat16 once.
     assert_sync_free_matches(hidden, weight, bias, labels, rtol=1e-5, grad_rtol=2e-2, chunk_size=5, **options)
@@ -119,7 +101,7 @@ def test_bfloat16(reduction: str) -> None:
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_masked_is_zero_loss_and_zero_grads(reduction: str) -> None:
-    hidden, weight, bias, labels = make_inputs(seed=6, with_bias=True)
+    hidden, weight, bias, labels = fused_inputs(seed=6, with_bias=True)
     labels[:, 1:] = -100  # only the first column is trained, and the shift drops it
     loss, correct = fused_linear_cross_entropy(
         hidden, weight, labels, bias=bias, reduction=reduction, sync_free=True, return_correct=True
@@ -131,7 +113,7 @@ def test_all_masked_is_zero_loss_and_zero_grads(reduction: str) -> None:
 
 
 def test_untrained_rows_get_exactly_zero_even_from_a_nan_upstream() -> None:
-    hidden, weight, _, labels = make_inputs(seed=7)
+    hidden, weight, _, labels = fused_inputs(seed=7)
     targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
     upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(2))
     poisoned = upstream.masked_fill(targets == -100, float("nan"))
@@ -150,7 +132,7 @@ def test_untrained_rows_get_exactly_zero_even_from_a_nan_upstream() -> None:
 
 
 def test_out_of_range_labels_are_ignored_not_reported() -> None:
-    hidden, weight, _, labels = make_inputs(seed=8)
+    hidden, weight, _, labels = fused_inputs(seed=8)
     bad = labels.clone()
     bad[0, 3], bad[1, 5] = VOCAB, -5  # the default mode raises ValueError for these
     ignored = bad.masked_fill((bad >= VOCAB) | ((bad < 0) & (bad != -100)), -100)
@@ -165,41 +147,20 @@ def test_out_of_range_labels_are_ignored_not_reported() -> None:
 
 
 def test_no_grad_mode() -> None:
-    hidden, weight, _, labels = make_inputs(seed=9)
+    hidden, weight, _, labels = fused_inputs(seed=9)
     with torch.no_grad(), MatmulCounter() as counter:
         loss = fused_linear_cross_entropy(hidden, weight, labels, sync_free=True, chunk_size=5)
     assert counter.matmul_flops == 2 * BATCH * SEQ * HIDDEN * VOCAB
     torch.testing.assert_close(loss, fused_linear_cross_entropy(hidden, weight, labels))
 
 
-class MatmulCounter(TorchDispatchMode):
-    """Counts matmul FLOPs; records every op's name and output shapes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.matmul_flops = 0
-        self.ops: list[tuple[str, tuple]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func.overloadpacket.__name__
-        if name in ("mm", "addmm", "addmm_"):
-            left, right = (args[0], args[1]) if name == "mm" else (args[1], args[2])
-            self.matmul_flops += 2 * left.shape[0] * left.shape[1] * right.shape[1]
-        out = func(*args, **kwargs)
-        outputs = out if isinstance(out, (tuple, list)) else [out]
-        shapes = tuple(tuple(t.shape) for t in outputs if isinstance(t, torch.Tensor))
-        self.ops.append((name, shapes))
-        return out
-
-
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_no_host_sync_and_shapes_independent_of_the_labels(reduction: str) -> None:
-    hidden, weight, bias, labels = make_inputs(seed=10, with_bias=True, masked_fraction=0.1)
+    hidden, weight, bias, labels = fused_inputs(seed=10, with_bias=True, masked_fraction=0.1)
     options = {"bias": bias, "reduction": reduction, "z_loss": 1e-3, "return_correct": True, "chunk_size": 4}
     traces = []
     for masked_fraction in (0.1, 0.6, 1.0):
-        labels = make_inputs(seed=11, masked_fraction=masked_fraction)[3]
+        labels = fused_inputs(seed=11, masked_fraction=masked_fraction)[3]
         with MatmulCounter() as counter:
             loss, _ = fused_linear_cross_entropy(hidden, weight, labels, sync_free=True, **options)
             torch.autograd.grad(loss.sum(), (hidden, weight, bias))
@@ -217,7 +178,7 @@ def test_no_host_sync_and_shapes_independent_of_the_labels(reduction: str) -> No
 def test_torch_compile_fullgraph_matches_eager() -> None:
     """One cold compile (~35 s on 2 CPU cores) of a mean and a per-token loss (3 chunks each), forward and backward."""
     torch._dynamo.reset()
-    hidden, weight, bias, labels = make_inputs(seed=12, batch=3, seq=11, with_bias=True)
+    hidden, weight, bias, labels = fused_inputs(seed=12, batch=3, seq=11, with_bias=True)
     upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(3))
     options = {"bias": bias, "label_smoothing": 0.1, "z_loss": 1e-3, "logit_softcap": 3.0, "chunk_size": 12}
 
@@ -233,7 +194,7 @@ def test_torch_compile_fullgraph_matches_eager() -> None:
 
     compiled = torch.compile(step, fullgraph=True, dynamic=False)
     for call, masked_fraction in enumerate((0.3, 0.8)):
-        labels = make_inputs(seed=13 + call, batch=3, seq=11, masked_fraction=masked_fraction)[3]
+        labels = fused_inputs(seed=13 + call, batch=3, seq=11, masked_fraction=masked_fraction)[3]
         results = []
         for fn in (compiled, step):
             hidden.grad = weight.grad = bias.grad = None
