@@ -30,13 +30,14 @@ import argparse
 import ctypes
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from bench_common import reset_peak_rss, resident_bytes, write_section
 
 REPO = Path(__file__).resolve().parent.parent
 IMPLEMENTATIONS = ("fused", "sync_free", "compiled")
@@ -63,14 +64,6 @@ class Measurement:
     warmup_seconds: float
     peak_extra_bytes: int
     loss: float
-
-
-def _resident_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def run_worker(case: Case, implementation: str, repetitions: int) -> Measurement:
@@ -111,11 +104,10 @@ def run_worker(case: Case, implementation: str, repetitions: int) -> Measurement
     warmup_seconds = step()
     hidden.grad = weight.grad = None
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    baseline = _resident_bytes("VmRSS")
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
+    baseline = resident_bytes("VmRSS")
+    reset_peak_rss()
     step()
-    peak_extra = _resident_bytes("VmHWM") - baseline
+    peak_extra = resident_bytes("VmHWM") - baseline
     step.cpu_seconds.clear()
     seconds = [step() for _ in range(repetitions)]
     return Measurement(
@@ -190,18 +182,6 @@ def section_text(saved: dict) -> str:
     return "\n".join(lines) + "\n\n" + saved.get("analysis", "") + "\n"
 
 
-def write_section(performance_md: Path, section: str) -> None:
-    """Replace (or add, before the packing section) this section, leaving the others untouched."""
-    text = performance_md.read_text()
-    pattern = re.compile(rf"^{re.escape(SECTION_HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1)
-    else:
-        index = text.index(BEFORE_HEADING + "\n")
-        text = text[:index] + section.rstrip("\n") + "\n\n" + text[index:]
-    performance_md.write_text(text.rstrip("\n") + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -218,7 +198,12 @@ def main() -> None:
         return
     results_json = REPO / "benchmarks" / "results_compile.json"
     if args.from_json:
-        write_section(REPO / "docs" / "performance.md", section_text(json.loads(args.from_json.read_text())))
+        write_section(
+            REPO / "docs" / "performance.md",
+            SECTION_HEADING,
+            section_text(json.loads(args.from_json.read_text())),
+            before=BEFORE_HEADING,
+        )
         return
 
     shape = (1024, 256, 8000) if args.quick else (2048, 1024, 32000)
@@ -262,7 +247,9 @@ def main() -> None:
             "results": results,
         }
         results_json.write_text(json.dumps(saved, indent=1) + "\n")
-        write_section(REPO / "docs" / "performance.md", section_text(saved))
+        write_section(
+            REPO / "docs" / "performance.md", SECTION_HEADING, section_text(saved), before=BEFORE_HEADING
+        )
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import statistics
 import subprocess
@@ -49,6 +48,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from bench_common import loadavg, reset_peak_rss, resident_bytes, write_section
 
 REPO = Path(__file__).resolve().parent.parent
 IMPLEMENTATIONS = ("ours", "trl_trained", "trl_all", "torch", "transformers")
@@ -87,32 +88,6 @@ class Measurement:
 
 
 # ---------------------------------------------------------------------------------------------- worker
-
-
-def _resident_bytes(field_name: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field_name} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as file:
-            return " ".join(file.read().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 def make_loss_fn(case: Case, implementation: str, hidden, weight, labels, trl_chunk_size: int):
@@ -233,10 +208,10 @@ def run_worker(case: Case, implementation: str, repetitions: int, trl_chunk_size
         step()
         peak_extra = torch.cuda.max_memory_allocated() - baseline
     else:
-        baseline = _resident_bytes("VmRSS")
-        if _reset_peak_rss():
+        baseline = resident_bytes("VmRSS")
+        if reset_peak_rss():
             step()
-            peak_extra = _resident_bytes("VmHWM") - baseline
+            peak_extra = resident_bytes("VmHWM") - baseline
         else:
             baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             step()
@@ -428,17 +403,6 @@ def plot(results: list[tuple[Case, dict[str, Measurement]]], path: Path) -> None
     figure.savefig(path, dpi=100)
 
 
-def write_section(performance_md: Path, section: str) -> None:
-    """Replace (or add) the loss section of docs/performance.md, leaving other sections untouched."""
-    text = performance_md.read_text() if performance_md.exists() else "# Performance\n"
-    pattern = re.compile(rf"^{re.escape(SECTION_HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    performance_md.write_text(text)
-
-
 def section_text(saved: dict, results: list[tuple[Case, dict[str, Measurement]]], analysis: str) -> str:
     matrix = [(c, m) for c, m in results if c.group == "matrix"]
     headline = [(c, m) for c, m in results if c.group == "headline"]
@@ -517,7 +481,7 @@ def load_results(path: Path) -> tuple[dict, list[tuple[Case, dict[str, Measureme
 def write_docs(saved: dict, results: list[tuple[Case, dict[str, Measurement]]]) -> None:
     """Rewrite this benchmark's section of docs/performance.md and its plot."""
     analysis = saved.get("analysis", "")
-    write_section(REPO / "docs" / "performance.md", section_text(saved, results, analysis))
+    write_section(REPO / "docs" / "performance.md", SECTION_HEADING, section_text(saved, results, analysis))
     plot(results, REPO / "docs" / "img" / "bench_loss.png")
 
 

@@ -42,6 +42,7 @@ from typing import Any
 import datasets
 import torch
 import torch.nn.functional as F
+from bench_common import loadavg
 from transformers.masking_utils import create_causal_mask
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
@@ -59,11 +60,6 @@ DATA = os.path.join(ROOT, "recipes", "data", "humaneval_sft.jsonl")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_packing.json")
 BATCH = 4
 Row = dict[str, list[int]]
-
-
-def loadavg() -> str:
-    with open("/proc/loadavg") as file:
-        return " ".join(file.read().split()[:3])
 
 
 # ---------------------------------------------------------------------------------------------- data

@@ -49,11 +49,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench_common import loadavg, reset_peak_rss, resident_bytes, write_section
 
 REPO = Path(__file__).resolve().parent.parent
 SECTION_HEADING = "## End to end: ShiftLossTrainer against TRL's SFTTrainer"
@@ -84,24 +85,6 @@ SPEED_TARGET, MEMORY_TARGET, LOSS_TOLERANCE = 1.5, 0.7, 0.01
 
 
 # ---------------------------------------------------------------------------------------------- worker
-
-
-def _status_bytes(field_name: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field_name} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-
-
-def loadavg() -> str:
-    with open("/proc/loadavg") as file:
-        return " ".join(file.read().split()[:3])
 
 
 def conversations():
@@ -259,14 +242,14 @@ def run_worker(trainer_name: str, setting: str, steps: int, output_dir: str) -> 
     class Measure(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             clock["checkpointing"] = bool(getattr(model, "is_gradient_checkpointing", False))
-            clock["rss_start"] = _status_bytes("VmRSS")
-            _reset_peak_rss()
+            clock["rss_start"] = resident_bytes("VmRSS")
+            reset_peak_rss()
             clock["start"], clock["cpu_start"] = time.perf_counter(), time.process_time()
 
         def on_train_end(self, args, state, control, **kwargs):
             clock["seconds"] = time.perf_counter() - clock["start"]
             clock["cpu_seconds"] = time.process_time() - clock["cpu_start"]
-            clock["peak_rss"] = _status_bytes("VmHWM")
+            clock["peak_rss"] = resident_bytes("VmHWM")
 
     trainer.add_callback(Measure())
     load_before = loadavg()
@@ -469,20 +452,6 @@ eval mode, the exact mean over the 16 held-out answers' {results[0]["held_out_to
 """
 
 
-def write_section(performance_md: Path, section: str, before: str | None = None) -> None:
-    """Replace (or add, before the section headed ``before``) this section, leaving the others untouched."""
-    text = performance_md.read_text() if performance_md.exists() else "# Performance\n"
-    pattern = re.compile(rf"^{re.escape(SECTION_HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1)
-    elif before is not None and re.search(rf"^{re.escape(before)}\n", text, re.M):
-        index = re.search(rf"^{re.escape(before)}\n", text, re.M).start()
-        text = text[:index] + section.rstrip("\n") + "\n\n" + text[index:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    performance_md.write_text(text.rstrip("\n") + "\n")
-
-
 def device_description() -> str:
     import platform
 
@@ -528,7 +497,9 @@ def main() -> None:
         }
         results_json.write_text(json.dumps(saved, indent=1) + "\n")
     print(markdown_tables(saved))
-    write_section(REPO / "docs" / "performance.md", section_text(saved), before=GPU_SECTION_HEADING)
+    write_section(
+        REPO / "docs" / "performance.md", SECTION_HEADING, section_text(saved), before=GPU_SECTION_HEADING
+    )
     plot(saved, REPO / "docs" / "img" / "bench_sft.png")
 
 

@@ -43,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_common import reset_peak_rss, resident_bytes
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO))
@@ -166,8 +168,8 @@ def skip_reason(name: str, device: str) -> str | None:
 
 
 def _peak_rss_reset() -> int:
-    bench_loss._reset_peak_rss()
-    return bench_loss._resident_bytes("VmRSS")
+    reset_peak_rss()
+    return resident_bytes("VmRSS")
 
 
 def measure_one(name: str, device: str, shape: tuple[int, int, int], repetitions: int, warmup: int) -> dict:
@@ -215,7 +217,7 @@ def measure_one(name: str, device: str, shape: tuple[int, int, int], repetitions
         hidden.grad = weight.grad = None
         baseline = _peak_rss_reset()
         _, loss = step()
-        peak = bench_loss._resident_bytes("VmHWM") - baseline  # in-process on CPU: indicative only
+        peak = resident_bytes("VmHWM") - baseline  # in-process on CPU: indicative only
     seconds = [step()[0] for _ in range(repetitions)]
     return {"implementation": name, "seconds": statistics.median(seconds), "peak_bytes": peak, "loss": loss}
 

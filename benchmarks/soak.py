@@ -16,6 +16,7 @@ import os
 import sys
 import time
 
+from bench_common import loadavg, resident_bytes
 from datasets import Dataset
 from transformers import TrainerCallback
 
@@ -26,14 +27,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 from helpers import tiny_llama, word_tokenizer  # noqa: E402
 
 WORDS = "where is the capital of China The Beijing what France Paris a city big small river".split()
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/status", encoding="utf-8") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class Probe(TrainerCallback):
@@ -49,7 +42,7 @@ class Probe(TrainerCallback):
             self.samples.append(
                 {
                     "step": state.global_step,
-                    "rss_mib": _rss_mib(),
+                    "rss_mib": resident_bytes("VmRSS") / 2**20,
                     "seconds_per_step": (now - self.last) / 100,
                 }
             )
@@ -109,7 +102,7 @@ def main() -> None:
         "final_total_trained_tokens": [e for e in trainer.state.log_history if "total_trained_tokens" in e][
             -1
         ]["total_trained_tokens"],
-        "load_average": open("/proc/loadavg").read().split()[:3],
+        "load_average": loadavg().split(),
         "samples": probe.samples,
     }
     with open(os.path.join(HERE, "results_soak.json"), "w", encoding="utf-8") as file:
