@@ -154,15 +154,7 @@ def recipe_inputs(
     source, gguf_file = module.model_source(recipe)
     tokenizer = module.load_tokenizer(source, gguf_file=gguf_file)
     train_rows, held_out, data_source = module.load_splits(recipe)
-    options = {
-        "max_length": args.max_length,
-        "train_on": args.train_on,
-        "train_roles": tuple(args.train_roles),
-        "train_end_of_turn": args.train_end_of_turn,
-        "chat_template_kwargs": args.chat_template_kwargs or {},
-        "packing": args.packing,
-        "packing_overflow": args.packing_overflow,
-    }
+    options = {**args.encoder_options(), "packing": args.packing, "packing_overflow": args.packing_overflow}
     rows = f"{len(train_rows)} training rows (the last {len(held_out)} held out"
     rows += f", the first {recipe.max_train_rows} kept)" if recipe.max_train_rows is not None else ")"
     about = {

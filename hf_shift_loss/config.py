@@ -183,6 +183,23 @@ class ShiftLossArguments(TrainingArguments):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
+    def encoder_options(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`hf_shift_loss.data.Encoder` these arguments set: what is
+        trained and how long a row may be (the trainer and ``hf-shift-loss inspect --config`` encode with
+        exactly these).
+
+        Examples:
+            >>> ShiftLossArguments(output_dir="out", max_length=256).encoder_options()
+            {'max_length': 256, 'train_on': 'completion', 'train_roles': ('assistant',), 'train_end_of_turn': 'turn', 'chat_template_kwargs': {}}
+        """
+        return {
+            "max_length": self.max_length,
+            "train_on": self.train_on,
+            "train_roles": tuple(self.train_roles),
+            "train_end_of_turn": self.train_end_of_turn,
+            "chat_template_kwargs": self.chat_template_kwargs or {},
+        }
+
     @classmethod
     def from_training_arguments(cls, args: TrainingArguments | None) -> ShiftLossArguments:
         """``args`` as ``ShiftLossArguments``: the same values, and this class's defaults for the rest.

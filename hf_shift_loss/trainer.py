@@ -123,14 +123,7 @@ class ShiftLossTrainer(Trainer):
                 args.pad_to_multiple_of,
                 padding_free=args.padding_free,
             )
-            encoder = Encoder(
-                processing_class,
-                max_length=args.max_length,
-                train_on=args.train_on,
-                train_roles=tuple(args.train_roles),
-                train_end_of_turn=args.train_end_of_turn,
-                chat_template_kwargs=args.chat_template_kwargs or {},
-            )
+            encoder = Encoder(processing_class, **args.encoder_options())
             embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
             vocab_size = getattr(embeddings, "num_embeddings", None)
             train_dataset = self._prepare(args, encoder, _train_split(train_dataset), "train", vocab_size)

@@ -379,14 +379,7 @@ def test_cli_inspect_config_shows_exactly_what_the_recipe_trains(tmp_path, capsy
     directory, gguf_file = sft.model_source(recipe)
     tokenizer = sft.load_tokenizer(directory, gguf_file=gguf_file)
     train_rows, _, source = sft.load_splits(recipe)
-    encoder = Encoder(
-        tokenizer,
-        max_length=args.max_length,
-        train_on=args.train_on,
-        train_roles=tuple(args.train_roles),
-        train_end_of_turn=args.train_end_of_turn,
-        chat_template_kwargs=args.chat_template_kwargs or {},
-    )
+    encoder = Encoder(tokenizer, **args.encoder_options())
     expected = prepare_dataset(
         train_rows, encoder, packing=args.packing, on_untrained=args.on_untrained
     ).stats
