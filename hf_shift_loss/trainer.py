@@ -148,6 +148,13 @@ class ShiftLossTrainer(Trainer):
         self._loss_metrics = _LossMetrics()
         self._eval_sums: list[torch.Tensor] | None = None
         self._loss_paths: dict[int, EagerLoss | FusedLoss] = {}
+        # A padding-free batcher pads evaluation batches: decided once, here.
+        collator = self.data_collator
+        self._eval_collator = (
+            dataclasses.replace(collator, padding_free=False)
+            if isinstance(collator, Batcher) and collator.padding_free
+            else collator
+        )
         if self.compute_metrics is not None and self.args.prediction_loss_only:
             logger.warning(
                 "compute_metrics will not be called: prediction_loss_only=True (ShiftLossArguments' default, so "
@@ -195,7 +202,7 @@ class ShiftLossTrainer(Trainer):
             data = [
                 f"trained: {trained}; end-of-turn tokens: {args.train_end_of_turn}; max_length {args.max_length}",
                 f"packing: {f'on, rows of {args.max_length} tokens' if args.packing else 'off'}; batches: "
-                f"{'padding-free, one row per micro-batch' if self._padding_free() else 'rows padded to the longest'}",
+                f"{'padding-free, one row per micro-batch' if args.padding_free else 'rows padded to the longest'}",
             ]
         else:
             data = [
@@ -304,9 +311,6 @@ class ShiftLossTrainer(Trainer):
         return int(getattr(plugin, "fsdp_version", 1) or 1)
 
     # ------------------------------------------------------------------ batches
-    def _padding_free(self) -> bool:
-        return isinstance(self.data_collator, Batcher) and self.data_collator.padding_free
-
     def get_eval_dataloader(self, eval_dataset: str | Dataset | None = None) -> DataLoader:
         """Stock, but a padding-free batcher pads evaluation batches: one row per example is what makes
         the evaluation loss exact across ranks (the sampler's duplicates are dropped row by row)."""
@@ -320,13 +324,11 @@ class ShiftLossTrainer(Trainer):
 
     @contextlib.contextmanager
     def _padded_batches(self) -> Iterator[None]:
-        collator = self.data_collator
-        if self._padding_free():
-            self.data_collator = dataclasses.replace(collator, padding_free=False)
+        training_collator, self.data_collator = self.data_collator, self._eval_collator
         try:
             yield
         finally:
-            self.data_collator = collator
+            self.data_collator = training_collator
 
     # ------------------------------------------------------------------ the loss
     def compute_loss(
