@@ -8,16 +8,17 @@ The public API (docs/api.md lists exactly these names):
 - :func:`prepare_dataset`, :class:`DataStats`, :func:`encode_messages`: the data path and its counts.
 - :func:`inspect_dataset`: what will be trained, token by token (imported on first use).
 
-Everything else is importable from its module (``hf_shift_loss.data``, ``hf_shift_loss.loss_paths``, ...).
+Everything else is importable from its package (``hf_shift_loss.data``, ``hf_shift_loss.loss``, ...);
+docs/architecture.md maps the package's rooms.
 """
 
 from typing import Any
 
 from hf_shift_loss.collator import PromptMaskingCollator
 from hf_shift_loss.config import ShiftLossArguments
+from hf_shift_loss.constants import IGNORE_INDEX
 from hf_shift_loss.data import DataStats, encode_messages, prepare_dataset
-from hf_shift_loss.fused import fused_linear_cross_entropy
-from hf_shift_loss.loss import IGNORE_INDEX, causal_lm_loss
+from hf_shift_loss.loss import causal_lm_loss, fused_linear_cross_entropy
 from hf_shift_loss.trainer import ShiftLossTrainer
 
 __version__ = "0.2.0"

@@ -41,9 +41,9 @@ try:  # a chat template's raise_exception(...) raises a jinja2 TemplateError (ji
 except ImportError:  # pragma: no cover
     TemplateError = ValueError  # type: ignore[assignment,misc]
 
+from hf_shift_loss.constants import IGNORE_INDEX
 from hf_shift_loss.data.encode import Encoder, detect_format
 from hf_shift_loss.data.stats import DataStats
-from hf_shift_loss.loss import IGNORE_INDEX
 
 # Trained tokens: green, two shades alternating (token boundaries); masked tokens: one dim grey.
 TRAINED_STYLES = ("black on #7ee787", "black on #3fb950")

@@ -6,7 +6,7 @@ What it adds to the stock Trainer, in the order of a run:
    without a ``data_collator`` prepared once (:func:`hf_shift_loss.data.prepare_dataset`: encode, mask,
    truncate, count, pack) and batched by :class:`hf_shift_loss.data.Batcher`.
 2. The loss (``compute_loss``): the model runs without labels; the loss path chosen once per model
-   (:mod:`hf_shift_loss.loss_paths`, eager or fused) computes the shifted cross-entropy, normalized
+   (:mod:`hf_shift_loss.loss.paths`, eager or fused) computes the shifted cross-entropy, normalized
    over every trained token of the optimizer step (docs/concepts.md)::
 
        loss of one optimizer step = sum of CE over the trained tokens of every micro-batch on every rank
@@ -46,8 +46,7 @@ from hf_shift_loss.data.load import load_tokenizer
 from hf_shift_loss.data.pack import check_packing_support
 from hf_shift_loss.data.prepare import PreparedDataset, prepare_dataset
 from hf_shift_loss.data.stats import DataStats
-from hf_shift_loss.loss import count_trained_tokens
-from hf_shift_loss.loss_paths import EagerLoss, FusedLoss, choose_loss_path
+from hf_shift_loss.loss import EagerLoss, FusedLoss, choose_loss_path, count_trained_tokens
 
 __all__ = ["ShiftLossArguments", "ShiftLossTrainer"]
 
@@ -288,7 +287,7 @@ class ShiftLossTrainer(Trainer):
         return 1
 
     def loss_path(self, model: nn.Module) -> EagerLoss | FusedLoss:
-        """The loss path for ``model``, chosen once per model (:func:`hf_shift_loss.loss_paths.choose_loss_path`)."""
+        """The loss path for ``model``, chosen once per model (:func:`hf_shift_loss.loss.choose_loss_path`)."""
         unwrapped = self.accelerator.unwrap_model(model)
         if id(unwrapped) not in self._loss_paths:
             self._loss_paths[id(unwrapped)] = choose_loss_path(

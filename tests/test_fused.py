@@ -8,8 +8,13 @@ from helpers import FUSED_SHAPE, MatmulCounter, fused_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_shift_loss.fused import _GradientAccumulator, default_chunk_size, fused_linear_cross_entropy
-from hf_shift_loss.loss import causal_lm_loss, count_correct_tokens
+from hf_shift_loss.loss import (
+    causal_lm_loss,
+    count_correct_tokens,
+    default_chunk_size,
+    fused_linear_cross_entropy,
+)
+from hf_shift_loss.loss.kernel import _GradientAccumulator
 
 BATCH, SEQ, HIDDEN, VOCAB = FUSED_SHAPE
 

@@ -1,4 +1,4 @@
-"""find_output_head + fused loss give each model's own loss and gradients, or refuse with a reason."""
+"""The fused loss path gives each model's own loss and gradients, or the model is refused with a reason."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from hf_shift_loss.fused import fused_linear_cross_entropy
-from hf_shift_loss.heads import (
+import hf_shift_loss.loss.paths as loss_paths
+from hf_shift_loss.loss import (
+    EagerLoss,
+    FusedLoss,
     UnsupportedOutputHead,
-    backbone_hidden_states,
-    find_output_head,
+    choose_loss_path,
+    count_correct_tokens,
+    fused_linear_cross_entropy,
     get_output_head,
-    lm_head_returns_hidden_states,
 )
-from hf_shift_loss.loss import count_correct_tokens
+from hf_shift_loss.loss.heads import lm_head_returns_hidden_states
 
 VOCAB = 101
 
@@ -37,10 +39,24 @@ def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def without_labels(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value for key, value in batch.items() if key != "labels"}
+
+
+def fused_path(model: nn.Module, chunk_size: int) -> FusedLoss:
+    path = choose_loss_path(model, "fused", chunk_size=chunk_size)
+    assert isinstance(path, FusedLoss), path.reason
+    return path
+
+
 def fused_model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    head = get_output_head(model)
-    hidden = backbone_hidden_states(head, batch)
-    return fused_linear_cross_entropy(hidden, head.weight, batch["labels"], bias=head.bias, chunk_size=5)
+    return fused_path(model, chunk_size=5)(model, without_labels(batch), batch["labels"]).loss
+
+
+def refusal(model: nn.Module) -> str | None:
+    """Why the fused path falls back to eager for ``model`` (None: it fuses)."""
+    path = choose_loss_path(model, "fused")
+    return path.reason if isinstance(path, EagerLoss) else None
 
 
 def trainable_grads(model: nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -63,9 +79,8 @@ def assert_same_loss_and_grads(model: nn.Module, batch: dict[str, torch.Tensor])
 @pytest.mark.parametrize("tie_word_embeddings", [False, True])
 def test_llama_fused_equals_model_loss(tie_word_embeddings: bool) -> None:
     model = tiny_llama(tie_word_embeddings)
-    head = find_output_head(model)
-    assert head is not None
-    assert head.lm_head is model.lm_head and head.backbone is model.model
+    head = fused_path(model, chunk_size=5).head  # the path owns the head
+    assert head.lm_head is model.lm_head
     assert head.weight is model.lm_head.weight and head.bias is None
     assert (head.weight is model.model.embed_tokens.weight) == tie_word_embeddings
     grads = assert_same_loss_and_grads(model, make_batch())
@@ -104,7 +119,7 @@ def test_lora_with_head_in_modules_to_save_uses_the_trained_copy() -> None:
 
 def test_lora_targeting_the_head_is_refused() -> None:
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
-    assert find_output_head(model) is None
+    assert "bypass the adapter" in refusal(model)
     with pytest.raises(UnsupportedOutputHead, match="bypass the adapter"):
         get_output_head(model)
 
@@ -134,24 +149,33 @@ def test_models_the_fused_loss_cannot_reproduce_are_refused() -> None:
     with pytest.raises(UnsupportedOutputHead, match="not a plain torch.nn.Linear"):
         get_output_head(model)
     model.lm_head = ScaledLinear(32, VOCAB)
-    assert find_output_head(model) is None
+    assert "not a plain torch.nn.Linear" in refusal(model)
 
 
 @pytest.mark.parametrize("attribute", ["logit_scale", "logits_scaling", "lm_head_multiplier"])
 def test_logit_scaling_is_refused(attribute: str) -> None:
     model = tiny_llama()
     setattr(model.config, attribute, 1.0)  # 1 changes nothing
-    assert find_output_head(model) is not None
+    assert refusal(model) is None
     setattr(model.config, attribute, 0.5)
     with pytest.raises(UnsupportedOutputHead, match=rf"scales its logits \(config.{attribute}=0.5\)"):
         get_output_head(model)
 
 
-def test_hidden_states_move_to_the_head_device() -> None:
+def test_hidden_states_move_to_the_head_device(monkeypatch) -> None:
     model = tiny_llama()
-    head = get_output_head(model)
+    path = fused_path(model, chunk_size=5)
     model.lm_head.to("meta")  # stands for a head on another device (model parallel)
-    hidden = backbone_hidden_states(head, make_batch())
+    received = {}
+
+    def record(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, **options) -> torch.Tensor:
+        received["hidden"] = hidden
+        return hidden.new_zeros(())
+
+    monkeypatch.setattr(loss_paths, "fused_linear_cross_entropy", record)
+    batch = make_batch()
+    path(model, without_labels(batch), batch["labels"])
+    hidden = received["hidden"]
     assert hidden.device.type == "meta" and hidden.shape == (2, 12, 32)
 
 
@@ -166,7 +190,8 @@ def test_lm_head_returns_hidden_states_inside_the_block() -> None:
     with lm_head_returns_hidden_states(head) as recorded:
         model(**inputs)
     hidden = recorded.hidden
-    torch.testing.assert_close(hidden, backbone_hidden_states(head, batch))
+    decoder = model.get_base_model().get_decoder()
+    torch.testing.assert_close(hidden, decoder(**inputs, use_cache=False).last_hidden_state)
     assert model(**inputs).logits.shape == (2, 12, VOCAB)  # restored
     loss = fused_linear_cross_entropy(hidden, head.weight, batch["labels"])
     torch.testing.assert_close(loss, model(**batch).loss, rtol=1e-5, atol=1e-6)
@@ -180,10 +205,7 @@ def test_accuracy_matches_the_model_logits() -> None:
         -1
     )
     batch["labels"][:, 5::2] = predictions[:, 4:-1:2]
-    head = get_output_head(model)
-    hidden = backbone_hidden_states(head, batch)
-    _, correct = fused_linear_cross_entropy(
-        hidden, head.weight, batch["labels"], chunk_size=4, return_correct=True
-    )
+    path = fused_path(model, chunk_size=4)
+    correct = path(model, without_labels(batch), batch["labels"], count_correct=True).correct_tokens
     expected = count_correct_tokens(model(**batch).logits, batch["labels"])
     assert int(correct) == int(expected) >= 4

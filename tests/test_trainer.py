@@ -297,7 +297,7 @@ def test_fsdp1_falls_back_to_eager_and_says_why_fsdp2_fuses(tmp_path, caplog):
 
 @pytest.mark.parametrize("loss_impl", ["eager", "fused"])
 def test_token_accuracy_is_not_computed_when_not_logged(tmp_path, loss_impl, monkeypatch):
-    import hf_shift_loss.loss_paths as loss_paths
+    import hf_shift_loss.loss.paths as loss_paths
 
     def forbidden(*args, **kwargs):
         raise AssertionError("token accuracy computed although log_token_accuracy=False")

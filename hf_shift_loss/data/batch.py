@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from hf_shift_loss.loss import IGNORE_INDEX
+from hf_shift_loss.constants import IGNORE_INDEX
 
 __all__ = ["Batcher", "resolve_pad_token_id"]
 

@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from hf_shift_loss.loss import IGNORE_INDEX
+from hf_shift_loss.constants import IGNORE_INDEX
 
 EndOfTurnMode = Literal["turn", "last", "all", "none"]
 END_OF_TURN_MODES = ("turn", "last", "all", "none")

@@ -28,8 +28,8 @@ from typing import Any, Literal
 
 import torch
 
+from hf_shift_loss.constants import IGNORE_INDEX
 from hf_shift_loss.data.chat import DEFAULT_END_OF_TURN, DEFAULT_TRAIN_ROLES, EndOfTurnMode, encode_messages
-from hf_shift_loss.loss import IGNORE_INDEX
 
 __all__ = ["FORMATS", "Encoder", "TrainOn", "detect_format", "trained_targets"]
 

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import torch
 
-from hf_shift_loss.loss import IGNORE_INDEX
+from hf_shift_loss.constants import IGNORE_INDEX
 
 __all__ = ["PACKING_COLUMNS", "best_fit_decreasing", "check_packing_support", "pack_rows"]
 

@@ -21,10 +21,10 @@ import datasets
 import numpy as np
 from datasets.fingerprint import Hasher
 
+from hf_shift_loss.constants import IGNORE_INDEX
 from hf_shift_loss.data.encode import Encoder, detect_format
 from hf_shift_loss.data.pack import Overflow, pack_rows
 from hf_shift_loss.data.stats import COUNT_COLUMNS, DataStats
-from hf_shift_loss.loss import IGNORE_INDEX
 
 __all__ = ["PreparedDataset", "prepare_dataset"]
 

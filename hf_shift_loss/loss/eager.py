@@ -17,7 +17,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from hf_shift_loss.constants import IGNORE_INDEX
 
 Reduction = Literal["mean", "sum", "none"]
 
@@ -228,7 +228,8 @@ def causal_lm_loss(
     targets = shift_labels(labels, ignore_index) if shift else labels
     validate_labels(targets, vocab_size, ignore_index)
 
-    # Flatten to [tokens, vocab]; a view when the logits are contiguous, never a copy of the logits.
+    # Flatten to [tokens, vocab]: a view when the logits are contiguous. The float32 math copies bfloat16 or
+    # float16 logits once (.float()); float32 logits are used as they are.
     flat_logits = logits.reshape(-1, vocab_size).float()
     if logit_scale != 1.0 or logit_softcap is not None:
         scale, softcap = logit_transform(logit_scale, logit_softcap)

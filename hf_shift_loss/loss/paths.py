@@ -1,0 +1,241 @@
+"""The one way to run the loss on a model: a loss path, chosen once per model.
+
+- :class:`EagerLoss`: the model computes logits ``[batch, seq, vocab]``, then
+  :func:`hf_shift_loss.causal_lm_loss`.
+- :class:`FusedLoss`: owns the model's head (:class:`~hf_shift_loss.loss.heads.OutputHead`: weight, bias,
+  logit scale, soft-cap); the model runs with its ``lm_head`` as the identity, so it returns hidden
+  states ``[batch, seq, hidden]``, and :func:`hf_shift_loss.fused_linear_cross_entropy` applies the head
+  in chunks of trained tokens: the full logits never exist.
+
+:func:`choose_loss_path` is the one place that decides, and says why when it falls back to eager.
+Both paths have the same call: ``path(model, model_inputs, labels, shift=True, reduction="mean",
+num_items_in_batch=None, count_correct=False) -> LossResult``, ``model_inputs`` being the batch
+without its labels. The trainer, the tests and docs/fused-loss.md all run the loss this way.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import nn
+
+from hf_shift_loss.loss.eager import Reduction, causal_lm_loss, count_correct_tokens
+from hf_shift_loss.loss.fused import fused_linear_cross_entropy
+from hf_shift_loss.loss.heads import (
+    OutputHead,
+    UnsupportedOutputHead,
+    get_output_head,
+    lm_head_returns_hidden_states,
+)
+
+__all__ = ["EagerLoss", "FusedLoss", "LossResult", "choose_loss_path"]
+
+logger = logging.getLogger(__name__)
+
+
+class LossResult(NamedTuple):
+    loss: torch.Tensor
+    """The reduced loss (a float32 scalar)."""
+    correct_tokens: torch.Tensor | None
+    """Trained tokens whose argmax is the target (when asked), else None."""
+    outputs: Any
+    """The model's outputs (without logits on the fused path)."""
+    router_loss: torch.Tensor | None = None
+    """An MoE model's load-balancing loss times its ``router_aux_loss_coef``, as its own forward adds it
+    to the loss (None for dense models, or when the model does not output router logits)."""
+
+
+class _LossPath:
+    """What both paths share: one call signature, the model's forward, then the path's own loss."""
+
+    name: str
+    router_aux_loss_coef: float
+
+    def __call__(
+        self,
+        model: nn.Module,
+        model_inputs: dict[str, Any],
+        labels: torch.Tensor,
+        *,
+        shift: bool = True,
+        reduction: Reduction = "mean",
+        num_items_in_batch: torch.Tensor | int | None = None,
+        count_correct: bool = False,
+    ) -> LossResult:
+        """Run ``model(**model_inputs)`` (wrapped as it is: DDP, FSDP2, peft) and the loss of ``labels``.
+
+        Args:
+            model: the model this path was chosen for, or its wrapper.
+            model_inputs: the batch as the model's forward takes it, *without* ``labels`` (the model
+                must not compute a loss of its own): ``input_ids`` ``[batch, seq]``, ``attention_mask``
+                or ``position_ids``, ...
+            labels: ``[batch, seq]``, aligned with ``input_ids`` (``shift=True``) or pre-shifted.
+            shift, reduction, num_items_in_batch: as :func:`hf_shift_loss.causal_lm_loss`.
+            count_correct: also count the trained tokens whose argmax is the target (the logged token
+                accuracy).
+        """
+        options = {"shift": shift, "reduction": reduction, "num_items_in_batch": num_items_in_batch}
+        result = self._run(model, model_inputs, labels, options, count_correct)
+        aux_loss = result.outputs.get("aux_loss") if isinstance(result.outputs, dict) else None
+        if aux_loss is None or not self.router_aux_loss_coef:
+            return result
+        return result._replace(router_loss=self.router_aux_loss_coef * aux_loss.to(result.loss.device))
+
+    def _run(
+        self, model: nn.Module, model_inputs: dict, labels: torch.Tensor, options: dict, count_correct: bool
+    ) -> LossResult:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class EagerLoss(_LossPath):
+    """Full logits ``[batch, seq, vocab]`` from the model, then :func:`causal_lm_loss`."""
+
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    router_aux_loss_coef: float = 0.0
+    reason: str = "loss_impl='eager'"
+    name: str = "eager"
+
+    def _run(
+        self, model: nn.Module, model_inputs: dict, labels: torch.Tensor, options: dict, count_correct: bool
+    ) -> LossResult:
+        outputs = model(**model_inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        loss = causal_lm_loss(
+            logits, labels, label_smoothing=self.label_smoothing, z_loss=self.z_loss, **options
+        )
+        # The argmax is another pass over [batch, seq, vocab]: only when the accuracy is logged.
+        correct = (
+            count_correct_tokens(logits.detach(), labels, shift=options["shift"]) if count_correct else None
+        )
+        return LossResult(loss, correct, outputs)
+
+
+@dataclass(frozen=True)
+class FusedLoss(_LossPath):
+    """Hidden states from the model (its lm_head made the identity), then the chunked fused loss.
+
+    The path owns the head (:attr:`head`): its weight and bias as the model's forward would use them now
+    (peft adapters switched or disabled included), and the logit scale and soft-cap the model applies.
+    """
+
+    head: OutputHead
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    router_aux_loss_coef: float = 0.0
+    chunk_size: int | None = None
+    sync_free: bool = False
+    """Fixed shapes, no host sync: what ``torch.compile(fullgraph=True)`` and CUDA graphs need."""
+    name: str = "fused"
+
+    def _run(
+        self, model: nn.Module, model_inputs: dict, labels: torch.Tensor, options: dict, count_correct: bool
+    ) -> LossResult:
+        # The wrapped model is called, not its backbone, so DDP's hooks, peft and accelerate see the whole
+        # forward; only the [batch, seq, vocab] logits are skipped.
+        with lm_head_returns_hidden_states(self.head) as recorded:
+            outputs = model(**model_inputs)
+        weight, bias = _unsharded(self.head.weight), _unsharded(self.head.bias)
+        result = fused_linear_cross_entropy(
+            recorded.hidden.to(weight.device),  # model parallel: the head may sit on another device
+            weight,
+            labels,
+            bias=bias,
+            logit_scale=self.head.logit_scale,
+            logit_softcap=self.head.logit_softcap,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            chunk_size=self.chunk_size,
+            return_correct=count_correct,  # the argmax per chunk only when the accuracy is logged
+            sync_free=self.sync_free,
+            **options,
+        )
+        loss, correct = result if count_correct else (result, None)
+        if isinstance(outputs, dict):  # its "logits" are hidden states: hand them on without
+            outputs = type(outputs)(**{key: value for key, value in outputs.items() if key != "logits"})
+        return LossResult(loss, correct, outputs)
+
+
+def _unsharded(parameter: torch.Tensor | None) -> torch.Tensor | None:
+    """The full lm_head weight (or bias) when FSDP2 has sharded it (a DTensor), else the parameter itself.
+
+    FSDP2 reshards the parameters after the forward pass, so the loss gathers the weight itself. The
+    gather is differentiable: its backward reduce-scatters the weight gradient with the mean over ranks,
+    as FSDP2 reduces every other gradient (``Partial("avg")``); tied embeddings add up correctly.
+    """
+    if parameter is None:
+        return None
+    try:
+        from torch.distributed.tensor import DTensor, Partial
+    except ImportError:  # a torch built without distributed
+        return parameter
+    if not isinstance(parameter, DTensor):
+        return parameter
+    return parameter.full_tensor(grad_placements=[Partial("avg")] * parameter.device_mesh.ndim)
+
+
+def choose_loss_path(
+    model: nn.Module,
+    loss_impl: Literal["auto", "eager", "fused"] = "auto",
+    *,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+    fsdp_version: int | None = None,
+    sync_free: bool = False,
+) -> EagerLoss | FusedLoss:
+    """The loss path for ``model`` (unwrapped from DDP/accelerate; peft models as they are).
+
+    ``"eager"`` never fuses. ``"auto"`` and ``"fused"`` fuse when the model splits into a backbone and a
+    plain linear head (:func:`hf_shift_loss.heads.get_output_head`); otherwise they fall back to eager,
+    with the reason in ``EagerLoss.reason`` and one warning. Under FSDP2 (``fsdp_version=2``) the fused
+    loss gathers the sharded lm_head weight itself (:func:`_unsharded`); FSDP1's flat parameters hide
+    the weight, so ``fsdp_version=1`` falls back to eager.
+
+    Examples:
+        A tiny Llama: the fused path's loss is the model's own (which computes the full logits):
+
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from hf_shift_loss.loss import choose_loss_path
+        >>> _ = torch.manual_seed(0)
+        >>> config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        ...                      num_attention_heads=2, num_key_value_heads=2)
+        >>> model = LlamaForCausalLM(config)
+        >>> input_ids = torch.randint(0, 50, (2, 6))
+        >>> labels = input_ids.clone()
+        >>> labels[:, :3] = -100  # the prompt
+        >>> path = choose_loss_path(model)
+        >>> path.name
+        'fused'
+        >>> loss = path(model, {"input_ids": input_ids}, labels).loss
+        >>> bool(torch.allclose(loss, model(input_ids=input_ids, labels=labels).loss))
+        True
+    """
+    # MoE models add coef * load-balancing loss to their loss when they output router logits.
+    config = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model, "config", None)
+    coefficient = (
+        getattr(config, "router_aux_loss_coef", 0.0)
+        if getattr(config, "output_router_logits", False)
+        else 0.0
+    )
+    options = {
+        "label_smoothing": label_smoothing,
+        "z_loss": z_loss,
+        "router_aux_loss_coef": float(coefficient or 0.0),
+    }
+    if loss_impl == "eager":
+        return EagerLoss(**options)
+    if fsdp_version == 1:
+        reason = "FSDP1 flattens the lm_head weight into its flat parameter (use fsdp_version: 2)"
+    else:
+        try:
+            return FusedLoss(get_output_head(model), chunk_size=chunk_size, sync_free=sync_free, **options)
+        except UnsupportedOutputHead as error:
+            reason = str(error)
+    logger.warning("loss_impl=%r: using the eager loss (full logits) because %s.", loss_impl, reason)
+    return EagerLoss(reason=f"loss_impl={loss_impl!r} fell back: {reason}", **options)
