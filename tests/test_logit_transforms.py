@@ -7,7 +7,12 @@ own loss agree on values (1e-5) and gradients (1e-4).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
+import io
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,6 +133,40 @@ def test_the_fused_kernel_matches_causal_lm_loss_with_the_same_transform(reducti
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     # The transform changes the loss (the test would pass trivially otherwise).
     assert not torch.allclose(expected, causal_lm_loss(hidden @ weight.T + bias, labels, reduction=reduction))
+
+
+def _docs_fused_loss_example() -> str:
+    """The first code block of docs/fused-loss.md: how the docs teach running the fused loss on a model."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "fused-loss.md").read_text(encoding="utf-8")
+    return re.search(r"^```python\n(.*?)^```$", page, flags=re.MULTILINE | re.DOTALL)[1]
+
+
+def test_the_docs_fused_loss_example_is_the_models_own_loss_on_a_soft_capped_head():
+    torch.manual_seed(0)
+    model = _gemma2().train()
+    with torch.no_grad():  # logits of a few units, so that the cap (1.5) changes the loss visibly
+        model.get_output_embeddings().weight.mul_(10.0)
+    own = copy.deepcopy(model)
+    batch = _batch()
+    expected = own(**batch).loss
+    expected.backward()
+
+    namespace = {"model": model, "batch": batch}
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(compile(_docs_fused_loss_example(), "docs/fused-loss.md", "exec"), namespace)
+    path = namespace["path"]
+    assert isinstance(path, FusedLoss) and path.head.logit_softcap == 1.5
+    assert printed.getvalue() == "fused None\ntorch.int64\n"
+    torch.testing.assert_close(namespace["result"].loss, expected, rtol=1e-5, atol=1e-6)
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}  # its backward()
+    own_grads = {name: p.grad for name, p in own.named_parameters() if p.grad is not None}
+    assert grads.keys() == own_grads.keys() and grads
+    for name, grad in own_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # Control: the head without its soft-cap (what the docs taught before) computes another loss.
+    uncapped = FusedLoss(dataclasses.replace(path.head, logit_softcap=None))
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    assert not torch.allclose(uncapped(model, inputs, batch["labels"]).loss, expected, rtol=1e-3)
 
 
 def test_bad_transforms_are_refused():

@@ -173,7 +173,7 @@ def _logit_transform(model: nn.Module) -> tuple[float, float | None] | str:
                 if isinstance(value, (int, float)) and value != 1:
                     return (
                         f"{type(base).__name__} scales its logits ({where}.{name}={value}), and how "
-                        f"{model_type!r} applies it is not known; add it to hf_shift_loss.heads.LOGIT_SCALES "
+                        f"{model_type!r} applies it is not known; add it to hf_shift_loss.loss.heads.LOGIT_SCALES "
                         "or use the eager loss"
                     )
     if softcap is not None and scale != 1.0:
