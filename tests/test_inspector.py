@@ -18,15 +18,9 @@ from hf_shift_loss.cli import main
 from hf_shift_loss.data import Encoder, prepare_dataset
 from hf_shift_loss.data.chat import encode_messages
 from hf_shift_loss.data.stats import DataStats
-from hf_shift_loss.inspector import (
-    MASKED_STYLE,
-    TRAINED_STYLES,
-    _clean,
-    inspect_dataset,
-    length_bin_edges,
-    render_text,
-    token_pieces,
-)
+from hf_shift_loss.inspector import inspect_dataset, length_bin_edges, token_pieces
+from hf_shift_loss.inspector.report import _clean
+from hf_shift_loss.inspector.terminal import MASKED_STYLE, TRAINED_STYLES, render_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_YAML = os.path.join(REPO, "recipes", "configs", "default.yaml")
@@ -404,3 +398,117 @@ def test_cli_inspect_config_shows_exactly_what_the_recipe_trains(tmp_path, capsy
     # The recipe decides the tokenizer, the data and the encoding: no second source for them.
     assert main([*argv, "--max-length", "64", "--no-html"]) == 2
     assert "--max-length cannot be given with it" in capsys.readouterr().err
+
+
+class ScriptJson(HTMLParser):
+    """The text of ``<script id="statistics-json">`` as a browser reads it: raw, up to ``</script``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text: str | None = None
+        self._inside = False
+
+    def handle_starttag(self, tag, attrs):
+        self._inside = tag == "script" and dict(attrs).get("id") == "statistics-json"
+        if self._inside:
+            self.text = ""
+
+    def handle_endtag(self, tag):
+        self._inside = False
+
+    def handle_data(self, data):
+        if self._inside:
+            self.text += data
+
+
+def test_html_report_statistics_json_parses_as_a_browser_reads_it(tmp_path):
+    hostile = '</script><!-- <script> &amp; "quoted" </SCRIPT'
+    rows = [PROMPT_COMPLETION, {"text": hostile}, {hostile: "not a known column"}]
+    html_path = tmp_path / "report.html"
+    report = inspect_dataset(
+        smollm2_tokenizer(),
+        rows,
+        html_path=str(html_path),
+        console=Console(file=open(os.devnull, "w")),
+        about={"data": hostile, "tokenizer": "SmolLM2"},
+        chat_template_kwargs={"note": hostile},
+    )
+    assert report.failed_examples == 1 and hostile in report.errors[0]  # hostile text in the errors too
+    parsed = ScriptJson()
+    parsed.feed(html_path.read_text(encoding="utf-8"))
+    # JSON.parse(element.textContent): no entity is decoded inside <script>, and nothing ends it early.
+    assert not any(character in parsed.text for character in "<>&")
+    statistics = json.loads(parsed.text)
+    assert statistics == json.loads(json.dumps(report.to_dict()))
+    assert statistics["about"]["data"] == statistics["options"]["chat_template_kwargs"]["note"] == hostile
+    # The page itself still shows the hostile text as text (entities), not as markup.
+    page = ReportParser()
+    page.feed(html_path.read_text(encoding="utf-8"))
+    assert page.about["data"] == hostile and page.examples[1]["text"].startswith(hostile[:9])
+
+
+def write_foreign_checkout(root) -> tuple[str, list]:
+    """A checkout of someone else's: a config under recipes/configs/, and beside it an sft.py and a
+    datasets.py that would leave marker files if anything imported them. Returns (config, markers)."""
+    recipes = root / "recipes"
+    (recipes / "configs").mkdir(parents=True)
+    (root / "data").mkdir()
+    markers = [root / "sft-ran", root / "datasets-shadowed"]
+    for name, marker in zip(("sft.py", "datasets.py"), markers, strict=True):
+        (recipes / name).write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
+    rows = [PROMPT_COMPLETION, {"prompt": "Q: 3+3=", "completion": " 6"}, PROMPT_COMPLETION]
+    write_jsonl(root / "data" / "rows.jsonl", rows)
+    directory, gguf_file = os.path.split(smollm2_gguf_path())
+    config = recipes / "configs" / "foreign.yaml"
+    config.write_text(
+        f"model_name_or_path: {directory}\ngguf_file: {gguf_file}\ndata_path: data/rows.jsonl\n"
+        "eval_rows: 1\nmax_length: 64\n"
+    )
+    return str(config), markers
+
+
+def test_cli_inspect_config_runs_no_script_found_beside_it(tmp_path, monkeypatch):
+    import sys
+
+    config, markers = write_foreign_checkout(tmp_path / "theirs")
+    monkeypatch.chdir(tmp_path)  # data/rows.jsonl is found in the config's checkout, not here
+    stats_path = tmp_path / "stats.json"
+    argv = ["inspect", "--config", config, "--no-html", "--no-progress", "--stats-json", str(stats_path)]
+    assert main(argv) == 0
+    assert [marker.exists() for marker in markers] == [False, False]
+    assert str(tmp_path / "theirs" / "recipes") not in sys.path
+    import datasets
+
+    assert not datasets.__file__.startswith(str(tmp_path))
+    stats = json.loads(stats_path.read_text())
+    assert stats["examples"] == 2 and stats["formats"] == {"messages": 2} and stats["max_length"] == 64
+    assert stats["about"]["recipe"] == "hf_shift_loss.recipe (as recipes/sft.py reads it; no script run)"
+    assert stats["about"]["data"].endswith("rows.jsonl: 2 training rows (the last 1 held out)")
+
+
+def test_cli_inspect_recipe_runs_only_the_script_named(tmp_path, monkeypatch):
+    import sys
+
+    config, markers = write_foreign_checkout(tmp_path / "theirs")
+    monkeypatch.chdir(tmp_path / "theirs")
+    marker = tmp_path / "mine-ran"
+    mine = tmp_path / "mine" / "my_inspect_recipe.py"
+    mine.parent.mkdir()
+    mine.write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from hf_shift_loss.config import ShiftLossArguments, parse_config\n"
+        "from hf_shift_loss.data.load import load_tokenizer\n"
+        "from hf_shift_loss.recipe import RecipeConfig, load_splits, model_source\n"
+    )
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "my_inspect_recipe", raising=False)
+    stats_path = tmp_path / "stats.json"
+    argv = ["inspect", "--config", config, "--recipe", str(mine), "--no-html", "--no-progress"]
+    assert main([*argv, "--stats-json", str(stats_path)]) == 0
+    assert marker.exists() and [marker.exists() for marker in markers] == [False, False]
+    assert sys.path[-1] == str(mine.parent)  # after the installed packages: nothing there shadows them
+    stats = json.loads(stats_path.read_text())
+    assert stats["examples"] == 2 and os.path.abspath(stats["about"]["recipe"]) == str(mine)
+    missing = tmp_path / "nowhere.py"
+    with pytest.raises(SystemExit, match="--recipe .*nowhere.py: no such file"):
+        main(["inspect", "--config", config, "--recipe", str(missing)])

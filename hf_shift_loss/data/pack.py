@@ -34,7 +34,7 @@ import torch
 
 from hf_shift_loss.constants import IGNORE_INDEX
 
-__all__ = ["PACKING_COLUMNS", "best_fit_decreasing", "check_packing_support", "pack_rows"]
+__all__ = ["PACKING_COLUMNS", "best_fit_decreasing", "check_packing_support", "pack_rows", "split_points"]
 
 Overflow = Literal["truncate", "split"]
 # Columns of a packed row: the batch's three tensors and the counts packing adds.
@@ -77,6 +77,31 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     return rows
 
 
+def split_points(labels: Sequence[int], max_length: int) -> tuple[list[int], int]:
+    """Where ``packing_overflow="split"`` cuts a sequence, and how many trained targets the cuts lose.
+
+    The one split rule: the packer cuts with it and the inspector shows its cuts, so what is shown is
+    what is trained. Pieces start every ``max_length`` tokens; a piece after the first loses its first
+    target (the label at the cut was predicted from the token before it, now in another piece).
+
+    Args:
+        labels: the sequence's ``[T]`` labels (-100 where nothing is trained).
+        max_length: the row capacity.
+
+    Returns:
+        ``(cuts, lost)``: the positions where the pieces after the first start (empty when
+        ``T <= max_length``) and the number of those positions whose label is a target.
+
+    Examples:
+        >>> split_points([-100, 1, 2, 3, 4, 5, -100], max_length=3)
+        ([3, 6], 1)
+        >>> split_points([-100, 1, 2], max_length=3)
+        ([], 0)
+    """
+    cuts = list(range(max_length, len(labels), max_length))
+    return cuts, sum(1 for cut in cuts if labels[cut] != IGNORE_INDEX)
+
+
 def pack_rows(batch: Mapping[str, Sequence[Any]], max_length: int, overflow: Overflow = "truncate") -> dict:
     """Pack a columnar batch of encoded rows (``input_ids``, ``labels``) into rows of ``max_length``.
 
@@ -113,11 +138,10 @@ def pack_rows(batch: Mapping[str, Sequence[Any]], max_length: int, overflow: Ove
         if overflow == "truncate" or len(input_ids) <= max_length:
             pieces.append((input_ids[:max_length], labels[:max_length]))
             continue
-        starts = range(0, len(input_ids), max_length)
+        cuts, lost = split_points(labels, max_length)
         split_examples += 1
-        # A later piece's first label was a target (predicted from the previous token) before the split.
-        lost_boundary_targets += sum(1 for start in starts[1:] if labels[start] != IGNORE_INDEX)
-        pieces.extend((input_ids[s : s + max_length], labels[s : s + max_length]) for s in starts)
+        lost_boundary_targets += lost
+        pieces.extend((input_ids[s : s + max_length], labels[s : s + max_length]) for s in (0, *cuts))
     packed: dict[str, list] = {column: [] for column in PACKING_COLUMNS}
     for members in best_fit_decreasing([len(ids) for ids, _ in pieces], max_length):
         row_ids, row_labels, row_positions = [], [], []
