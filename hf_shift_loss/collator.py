@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from hf_shift_loss.data.batch import Batcher, resolve_pad_token_id
-from hf_shift_loss.data.chat import DEFAULT_END_OF_TURN, DEFAULT_TRAIN_ROLES, EndOfTurnMode
-from hf_shift_loss.data.encode import Encoder, TrainOn
+from hf_shift_loss.data.chat import DEFAULT_END_OF_TURN, DEFAULT_TRAIN_ROLES
+from hf_shift_loss.data.encode import Encoder
 from hf_shift_loss.data.stats import DataStats
+from hf_shift_loss.options import ON_UNTRAINED, EndOfTurnMode, OnUntrained, TrainOn, check_choice
 
 __all__ = ["PromptMaskingCollator"]
 
@@ -71,10 +72,9 @@ class PromptMaskingCollator:
         add_bos: bool | None = None,
         add_eos: bool = True,
         pad_to_multiple_of: int | None = None,
-        on_untrained: Literal["drop", "raise"] = "drop",
+        on_untrained: OnUntrained = "drop",
     ) -> None:
-        if on_untrained not in ("drop", "raise"):
-            raise ValueError(f"on_untrained must be 'drop' or 'raise', got {on_untrained!r}")
+        check_choice("on_untrained", on_untrained, ON_UNTRAINED)
         self.encoder = Encoder(
             tokenizer,
             max_length=max_length,

@@ -8,19 +8,30 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from hf_shift_loss.data.chat import DEFAULT_END_OF_TURN, DEFAULT_TRAIN_ROLES, END_OF_TURN_MODES
-from hf_shift_loss.data.encode import TRAIN_ON
+from hf_shift_loss.data.chat import DEFAULT_END_OF_TURN, DEFAULT_TRAIN_ROLES
+from hf_shift_loss.options import (
+    EndOfTurnMode,
+    LossImpl,
+    OnUntrained,
+    PackingOverflow,
+    TrainOn,
+    check_choice,
+    check_loss_options,
+    check_max_length,
+    check_packing,
+)
 
 __all__ = ["ShiftLossArguments", "parse_config"]
 
@@ -64,7 +75,7 @@ class ShiftLossArguments(TrainingArguments):
             "apart by position_ids: no padding, fewer rows per epoch. Needs an sdpa/eager/flex attention."
         },
     )
-    packing_overflow: Literal["truncate", "split"] = field(
+    packing_overflow: PackingOverflow = field(
         default="truncate",
         metadata={"help": "With packing, rows longer than max_length are truncated or split into pieces."},
     )
@@ -77,7 +88,7 @@ class ShiftLossArguments(TrainingArguments):
             "kernel. Evaluation batches stay padded."
         },
     )
-    train_on: Literal["completion", "all", "last_turn"] = field(
+    train_on: TrainOn = field(
         default="completion",
         metadata={
             "help": "What is trained: 'completion' (the completion, or every turn of train_roles in a "
@@ -88,14 +99,14 @@ class ShiftLossArguments(TrainingArguments):
         default_factory=lambda: list(DEFAULT_TRAIN_ROLES),
         metadata={"help": "Chat roles whose turns are trained (e.g. assistant tool)."},
     )
-    train_end_of_turn: Literal["turn", "last", "all", "none"] = field(
+    train_end_of_turn: EndOfTurnMode = field(
         default=DEFAULT_END_OF_TURN,
         metadata={
             "help": "End-of-turn tokens trained: after every trained turn ('turn'), the last one, all turns, "
             "or none. Without them the model does not learn to stop."
         },
     )
-    on_untrained: Literal["drop", "raise"] = field(
+    on_untrained: OnUntrained = field(
         default="drop",
         metadata={"help": "A row left with no trained token is dropped (counted and said) or raises."},
     )
@@ -116,7 +127,7 @@ class ShiftLossArguments(TrainingArguments):
         },
     )
     # ------------------------------------------------------------------------------------------ loss
-    loss_impl: Literal["auto", "eager", "fused"] = field(
+    loss_impl: LossImpl = field(
         default="auto",
         metadata={
             "help": "'eager': logits [batch, seq, vocab], then causal_lm_loss. 'fused': hidden states through "
@@ -167,21 +178,17 @@ class ShiftLossArguments(TrainingArguments):
                 setattr(self, name, json.loads(value))
         if isinstance(self.train_roles, str):
             self.train_roles = [self.train_roles]
-        if self.max_length is not None and self.max_length < 2:
-            raise ValueError(
-                f"max_length must be at least 2 (one input and one target), got {self.max_length}"
-            )
-        if self.packing and self.max_length is None:
-            raise ValueError("packing=True needs max_length: it is the capacity of a packed row")
-        if self.z_loss < 0:
-            raise ValueError(f"z_loss must be >= 0, got {self.z_loss}")
-        if not 0.0 <= self.label_smoothing_factor < 1.0:
-            raise ValueError(f"label_smoothing_factor must be in [0, 1), got {self.label_smoothing_factor}")
+        # The consumers' own checks (encoder, packer, loss), made here too so a bad value fails at parse
+        # time, before a model or a dataset is loaded.
+        check_max_length(self.max_length)
+        check_packing(self.packing, self.max_length)
+        check_loss_options(
+            self.label_smoothing_factor, self.z_loss, label_smoothing_name="label_smoothing_factor"
+        )
         if self.fused_chunk_size is not None and self.fused_chunk_size < 1:
             raise ValueError(f"fused_chunk_size must be a positive integer, got {self.fused_chunk_size}")
-        for name, allowed in _CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name, choices in _choices().items():
+            check_choice(name, getattr(self, name), choices)
 
     def encoder_options(self) -> dict[str, Any]:
         """The keyword arguments of :class:`hf_shift_loss.data.Encoder` these arguments set: what is
@@ -250,13 +257,18 @@ class ShiftLossArguments(TrainingArguments):
 # Fields of TRL's SFTConfig that mean what another name means here.
 _SAME_MEANING = {"dataset_num_proc": "num_proc"}
 _CHANGED_DEFAULTS = ("remove_unused_columns", "prediction_loss_only", "ddp_find_unused_parameters")
-_CHOICES = {
-    "packing_overflow": ("truncate", "split"),
-    "train_on": TRAIN_ON,
-    "train_end_of_turn": END_OF_TURN_MODES,
-    "on_untrained": ("drop", "raise"),
-    "loss_impl": ("auto", "eager", "fused"),
-}
+
+
+@functools.cache
+def _choices() -> dict[str, tuple[str, ...]]:
+    """The choices of every ``Literal`` field this class declares, read from its annotations (each
+    vocabulary is declared once, in :mod:`hf_shift_loss.options`)."""
+    hints = get_type_hints(ShiftLossArguments)
+    return {
+        name: get_args(hints[name])
+        for name in ShiftLossArguments.__annotations__
+        if get_origin(hints[name]) is Literal
+    }
 
 
 def parse_config(

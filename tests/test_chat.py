@@ -101,8 +101,8 @@ def test_slow_tokenizer_without_offsets_masks_like_the_fast_one():
     [
         ({"train_end_of_turn": "none"}, ["A1", "A2"]),
         ({"train_end_of_turn": "last"}, ["A1", "A2<|im_end|>"]),
-        ({"last_turn_only": True}, ["A2<|im_end|>"]),
-        ({"last_turn_only": True, "train_end_of_turn": "none"}, ["A2"]),
+        ({"train_on": "last_turn"}, ["A2<|im_end|>"]),
+        ({"train_on": "last_turn", "train_end_of_turn": "none"}, ["A2"]),
         # "all": every message's end of turn (system and user content stay masked)
         (
             {"train_end_of_turn": "all"},
@@ -250,6 +250,36 @@ def test_bad_options_are_rejected():
         encode_messages(smollm2_tokenizer(), messages, max_length=0)
     # A single role name is accepted as a string (not iterated character by character).
     assert trained_runs(encode_messages(smollm2_tokenizer(), messages, train_roles="assistant"))
+    with pytest.raises(
+        ValueError, match=r"train_on must be one of \('completion', 'all', 'last_turn'\), got 'last'"
+    ):
+        encode_messages(smollm2_tokenizer(), messages, train_on="last")
+
+
+def test_encode_messages_speaks_train_on_as_the_encoder_does():
+    tokenizer = smollm2_tokenizer()
+    for train_on in ("completion", "last_turn", "all"):
+        row = Encoder(tokenizer, max_length=20, train_on=train_on)({"messages": CONVERSATION})
+        encoded = encode_messages(tokenizer, CONVERSATION, max_length=20, train_on=train_on)
+        assert encoded == {key: row[key] for key in encoded}, train_on
+    everything = encode_messages(tokenizer, CONVERSATION, train_on="all")
+    assert everything["labels"] == everything["input_ids"]
+    every_turn = trained_runs(encode_messages(tokenizer, CONVERSATION, train_on="completion"))
+    assert len(every_turn) == 3
+    assert trained_runs(encode_messages(tokenizer, CONVERSATION, train_on="last_turn")) == every_turn[-1:]
+
+
+@pytest.mark.parametrize(("last_turn_only", "train_on"), [(True, "last_turn"), (False, "completion")])
+def test_last_turn_only_still_works_for_one_release_with_a_future_warning(last_turn_only, train_on):
+    tokenizer = smollm2_tokenizer()
+    with pytest.warns(
+        FutureWarning, match=f"last_turn_only={last_turn_only}.*use train_on='{train_on}'"
+    ) as record:
+        old = encode_messages(tokenizer, CONVERSATION, last_turn_only=last_turn_only)
+    assert record[0].filename == __file__  # the warning points at the caller, not at the library
+    assert old == encode_messages(tokenizer, CONVERSATION, train_on=train_on)
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match="pass train_on only"):
+        encode_messages(tokenizer, CONVERSATION, last_turn_only=last_turn_only, train_on="all")
 
 
 # ---------------------------------------------------------------- property test (ChatML by hand)
@@ -433,7 +463,7 @@ def test_tool_calls_are_trained_as_rendered_tool_results_schemas_and_developer_a
 
 def test_tool_calls_with_trained_tool_role_and_last_turn_only():
     tokenizer = qwen25_tools_tokenizer()
-    encoded = encode_messages(tokenizer, TOOL_CONVERSATION, last_turn_only=True)
+    encoded = encode_messages(tokenizer, TOOL_CONVERSATION, train_on="last_turn")
     assert [tokenizer.decode(run) for run in trained_runs(encoded)] == TOOL_CALL_RUNS[-1:]
     encoded = encode_messages(tokenizer, TOOL_CONVERSATION[:5], train_roles=("assistant", "tool"))
     # The tool result's content is trained; its end of turn is the first marker after it (the template's
@@ -496,7 +526,7 @@ def reference_encode_messages(
     *,
     train_roles=("assistant",),
     train_end_of_turn="turn",
-    last_turn_only=False,
+    train_on="completion",
     max_length=None,
     chat_template_kwargs=None,
     example_index=None,
@@ -509,11 +539,12 @@ def reference_encode_messages(
     options = dict(
         train_roles=roles,
         train_end_of_turn=train_end_of_turn,
-        last_turn_only=last_turn_only,
+        last_turn_only=train_on == "last_turn",
         chat_template_kwargs=dict(chat_template_kwargs or {}),
         example_index=example_index,
     )
-    input_ids, labels = chat._encode_once(tokenizer, messages, first_trainable=context_messages, **options)
+    encoded = chat._encode(tokenizer, messages, first_trainable=context_messages, **options)
+    input_ids, labels = encoded.input_ids, encoded.labels
     dropped_turns = 0
     if max_length is not None and len(input_ids) > max_length:
         n_system, starts = chat._exchanges(messages)
@@ -526,7 +557,8 @@ def reference_encode_messages(
             kept = list(messages[:n_system]) + list(messages[cut:])
             if not any(m["role"] in roles for m in kept[first_trainable:]):
                 break
-            input_ids, labels = chat._encode_once(tokenizer, kept, first_trainable=first_trainable, **options)
+            encoded = chat._encode(tokenizer, kept, first_trainable=first_trainable, **options)
+            input_ids, labels = encoded.input_ids, encoded.labels
             dropped_turns = cut - n_system
             if len(input_ids) <= max_length:
                 break
@@ -600,7 +632,7 @@ def test_truncation_keeps_the_same_turns_and_masks_as_the_one_exchange_at_a_time
         options |= rng.choice(
             [
                 {},
-                {"last_turn_only": True},
+                {"train_on": "last_turn"},
                 {"train_roles": ("assistant", "user")},
                 {"train_roles": ("system", "assistant")},
                 {"context_messages": rng.randint(0, len(messages))},

@@ -29,20 +29,20 @@ See docs/chat-masking.md.
 from __future__ import annotations
 
 import bisect
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from hf_shift_loss.constants import IGNORE_INDEX
+from hf_shift_loss.options import END_OF_TURN_MODES, TRAIN_ON, EndOfTurnMode, TrainOn, check_choice
 
-EndOfTurnMode = Literal["turn", "last", "all", "none"]
-END_OF_TURN_MODES = ("turn", "last", "all", "none")
 # What is trained by default: every assistant turn with the end-of-turn token after it.
 DEFAULT_TRAIN_ROLES = ("assistant",)
 DEFAULT_END_OF_TURN: EndOfTurnMode = "turn"
 STANDARD_ROLES = ("system", "user", "assistant", "tool")
 
-__all__ = ["encode_messages", "END_OF_TURN_MODES", "STANDARD_ROLES"]
+__all__ = ["encode_messages", "STANDARD_ROLES"]
 
 Span = tuple[int, int]
 
@@ -537,14 +537,6 @@ def _encode(
     return _Encoded(text, spans, input_ids, offsets, labels)
 
 
-def _encode_once(
-    tokenizer: Any, messages: Sequence[Mapping[str, Any]], **options: Any
-) -> tuple[list[int], list[int]]:
-    """``input_ids`` and ``labels`` of one render of a conversation (no truncation)."""
-    encoded = _encode(tokenizer, messages, **options)
-    return encoded.input_ids, encoded.labels
-
-
 def _exchanges(messages: Sequence[Mapping[str, Any]]) -> tuple[int, list[int]]:
     """Number of leading system messages, and the start index of every exchange after them.
 
@@ -674,11 +666,12 @@ def encode_messages(
     *,
     train_roles: str | Sequence[str] = DEFAULT_TRAIN_ROLES,
     train_end_of_turn: EndOfTurnMode = DEFAULT_END_OF_TURN,
-    last_turn_only: bool = False,
+    train_on: TrainOn = "completion",
     max_length: int | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
     example_index: int | None = None,
     context_messages: int = 0,
+    last_turn_only: bool | None = None,
 ) -> dict[str, Any]:
     """Tokenize a conversation with its chat template and mask everything but the trained turns.
 
@@ -694,7 +687,10 @@ def encode_messages(
         train_end_of_turn: which end-of-turn markers are trained: ``"turn"`` after every trained
             message, ``"last"`` only after the last trained message, ``"all"`` after every message
             (untrained messages' content stays masked), ``"none"`` never.
-        last_turn_only: train only the last message with a trained role (earlier ones are context).
+        train_on: as everywhere else (:class:`hf_shift_loss.ShiftLossArguments`, :class:`Encoder`):
+            ``"completion"`` trains every message of ``train_roles`` (after ``context_messages``);
+            ``"last_turn"`` only the last one (earlier ones are context); ``"all"`` every token (the
+            masks above are computed, then every label is its token; truncation is the same).
         max_length: if the conversation is longer, drop the oldest exchanges (user turn up to the next
             user turn) while keeping leading system messages and the last exchange with a trained
             message; if that is still too long, cut tokens from the right. Linear time: one render
@@ -704,6 +700,8 @@ def encode_messages(
         example_index: the example's row in its dataset, named in error messages.
         context_messages: the first ``context_messages`` messages are never trained, whatever their role
             (a conversational ``prompt`` followed by its ``completion`` messages).
+        last_turn_only: deprecated, use ``train_on="last_turn"`` (``True``) or ``train_on="completion"``
+            (``False``); it warns (``FutureWarning``) and will be removed in the next release.
 
     Returns:
         ``{"input_ids": list[int], "labels": list[int], "truncated_tokens": int, "dropped_turns": int,
@@ -724,16 +722,18 @@ def encode_messages(
         >>> tokenizer.decode([t for t in encoded["labels"] if t != -100])  # doctest: +SKIP
         'Paris.<|im_end|>'
     """
+    if last_turn_only is not None:
+        train_on = _train_on_from_last_turn_only(last_turn_only, train_on)
     roles = _normalize_train_roles(train_roles)
-    if train_end_of_turn not in END_OF_TURN_MODES:
-        raise ValueError(f"train_end_of_turn must be one of {END_OF_TURN_MODES}, got {train_end_of_turn!r}")
+    check_choice("train_on", train_on, TRAIN_ON)
+    check_choice("train_end_of_turn", train_end_of_turn, END_OF_TURN_MODES)
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
     messages = validate_messages(messages, example_index)
     options = dict(
         train_roles=roles,
         train_end_of_turn=train_end_of_turn,
-        last_turn_only=last_turn_only,
+        last_turn_only=train_on == "last_turn",
         chat_template_kwargs=dict(chat_template_kwargs or {}),
         example_index=example_index,
     )
@@ -750,6 +750,8 @@ def encode_messages(
         truncated_tokens = len(input_ids) - max_length
         truncated_completion = int(any(label != IGNORE_INDEX for label in labels[max_length:]))
         input_ids, labels = input_ids[:max_length], labels[:max_length]
+    if train_on == "all":
+        labels = list(input_ids)
     return {
         "input_ids": input_ids,
         "labels": labels,
@@ -757,3 +759,20 @@ def encode_messages(
         "truncated_completion": truncated_completion,
         "dropped_turns": dropped_turns,
     }
+
+
+def _train_on_from_last_turn_only(last_turn_only: bool, train_on: TrainOn) -> TrainOn:
+    """The ``train_on`` that the deprecated ``last_turn_only`` keyword means (warned once per call site)."""
+    replacement = "last_turn" if last_turn_only else "completion"
+    warnings.warn(
+        f"encode_messages(last_turn_only={last_turn_only!r}) is deprecated and will be removed in the next "
+        f"release; use train_on={replacement!r}",
+        FutureWarning,
+        stacklevel=3,
+    )
+    if train_on != "completion":
+        raise ValueError(
+            f"encode_messages got last_turn_only={last_turn_only!r} and train_on={train_on!r}; pass train_on "
+            "only"
+        )
+    return replacement

@@ -24,17 +24,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from hf_shift_loss.constants import IGNORE_INDEX
-from hf_shift_loss.data.chat import DEFAULT_END_OF_TURN, DEFAULT_TRAIN_ROLES, EndOfTurnMode, encode_messages
+from hf_shift_loss.data.chat import DEFAULT_END_OF_TURN, DEFAULT_TRAIN_ROLES, encode_messages
+from hf_shift_loss.options import TRAIN_ON, EndOfTurnMode, TrainOn, check_choice, check_max_length
 
-__all__ = ["FORMATS", "Encoder", "TrainOn", "detect_format", "trained_targets"]
+__all__ = ["FORMATS", "Encoder", "detect_format", "trained_targets"]
 
-TrainOn = Literal["completion", "all", "last_turn"]
-TRAIN_ON = ("completion", "all", "last_turn")
 FORMATS = ("tokenized", "messages", "prompt_completion", "text")
 _FORMAT_HELP = (
     "'text'; 'prompt' and 'completion' (strings, or lists of messages); 'messages'; or 'input_ids' "
@@ -101,12 +100,8 @@ class Encoder:
     chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.max_length is not None and self.max_length < 2:
-            raise ValueError(
-                f"max_length must be at least 2 (one input and one target), got {self.max_length}"
-            )
-        if self.train_on not in TRAIN_ON:
-            raise ValueError(f"train_on must be one of {TRAIN_ON}, got {self.train_on!r}")
+        check_max_length(self.max_length)
+        check_choice("train_on", self.train_on, TRAIN_ON)
         self.train_roles = (
             (self.train_roles,) if isinstance(self.train_roles, str) else tuple(self.train_roles)
         )
@@ -234,7 +229,7 @@ class Encoder:
             messages,
             train_roles=self.train_roles,
             train_end_of_turn=self.train_end_of_turn,
-            last_turn_only=self.train_on == "last_turn",
+            train_on=self.train_on,
             max_length=self.max_length,
             chat_template_kwargs=self.chat_template_kwargs,
             example_index=index,

@@ -28,15 +28,15 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from hf_shift_loss.constants import IGNORE_INDEX
+from hf_shift_loss.options import PACKING_OVERFLOWS, PackingOverflow, check_choice, check_max_length
 
 __all__ = ["PACKING_COLUMNS", "best_fit_decreasing", "check_packing_support", "pack_rows", "split_points"]
 
-Overflow = Literal["truncate", "split"]
 # Columns of a packed row: the batch's three tensors and the counts packing adds.
 PACKING_COLUMNS = ("input_ids", "labels", "position_ids", "split_examples", "lost_boundary_targets")
 
@@ -102,7 +102,9 @@ def split_points(labels: Sequence[int], max_length: int) -> tuple[list[int], int
     return cuts, sum(1 for cut in cuts if labels[cut] != IGNORE_INDEX)
 
 
-def pack_rows(batch: Mapping[str, Sequence[Any]], max_length: int, overflow: Overflow = "truncate") -> dict:
+def pack_rows(
+    batch: Mapping[str, Sequence[Any]], max_length: int, overflow: PackingOverflow = "truncate"
+) -> dict:
     """Pack a columnar batch of encoded rows (``input_ids``, ``labels``) into rows of ``max_length``.
 
     The function for ``Dataset.map(pack_rows, batched=True, batch_size=None, remove_columns=...)``: the
@@ -127,10 +129,8 @@ def pack_rows(batch: Mapping[str, Sequence[Any]], max_length: int, overflow: Ove
         >>> packed["labels"]
         [[-100, -100, 8, 9], [-100, 2, 3, -100, 5]]
     """
-    if max_length < 2:
-        raise ValueError(f"max_length must be at least 2 (one input and one target), got {max_length}")
-    if overflow not in ("truncate", "split"):
-        raise ValueError(f"packing_overflow must be 'truncate' or 'split', got {overflow!r}")
+    check_max_length(max_length)
+    check_choice("packing_overflow", overflow, PACKING_OVERFLOWS)
     pieces: list[tuple[list[int], list[int]]] = []
     split_examples = lost_boundary_targets = 0
     for input_ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):

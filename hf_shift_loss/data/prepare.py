@@ -23,8 +23,16 @@ from datasets.fingerprint import Hasher
 
 from hf_shift_loss.constants import IGNORE_INDEX
 from hf_shift_loss.data.encode import Encoder, detect_format
-from hf_shift_loss.data.pack import Overflow, pack_rows
+from hf_shift_loss.data.pack import pack_rows
 from hf_shift_loss.data.stats import COUNT_COLUMNS, DataStats
+from hf_shift_loss.options import (
+    ON_UNTRAINED,
+    PACKING_OVERFLOWS,
+    OnUntrained,
+    PackingOverflow,
+    check_choice,
+    check_packing,
+)
 
 __all__ = ["PreparedDataset", "prepare_dataset"]
 
@@ -57,8 +65,8 @@ def prepare_dataset(
     encoder: Encoder,
     *,
     packing: bool = False,
-    packing_overflow: Overflow = "truncate",
-    on_untrained: str = "drop",
+    packing_overflow: PackingOverflow = "truncate",
+    on_untrained: OnUntrained = "drop",
     num_proc: int | None = None,
     name: str = "train",
     vocab_size: int | None = None,
@@ -83,11 +91,11 @@ def prepare_dataset(
     Returns:
         :class:`PreparedDataset`: columns ``input_ids``, ``labels`` (and ``position_ids`` when packed).
     """
-    if on_untrained not in ("drop", "raise"):
-        raise ValueError(f"on_untrained must be 'drop' or 'raise', got {on_untrained!r}")
+    check_choice("on_untrained", on_untrained, ON_UNTRAINED)
     max_length = encoder.max_length
-    if packing and max_length is None:
-        raise ValueError("packing needs max_length: it is the capacity of a packed row")
+    check_packing(packing, max_length)
+    if packing:
+        check_choice("packing_overflow", packing_overflow, PACKING_OVERFLOWS)
     columns = _columns(dataset)
     data_format = detect_format(columns)
     if packing and packing_overflow == "split":

@@ -12,14 +12,13 @@ training step, while shifting the labels copies a ``[batch, seq]`` integer tenso
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from hf_shift_loss.constants import IGNORE_INDEX
-
-Reduction = Literal["mean", "sum", "none"]
+from hf_shift_loss.options import REDUCTIONS, Reduction, check_choice, check_loss_options
 
 __all__ = [
     "IGNORE_INDEX",
@@ -138,12 +137,8 @@ def reduce_token_losses(
 
 
 def _check_reduction(reduction: str, label_smoothing: float, z_loss: float) -> None:
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    if z_loss < 0.0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_loss_options(label_smoothing, z_loss)
 
 
 def causal_lm_loss(

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from hf_shift_loss.loss.eager import Reduction, causal_lm_loss, count_correct_tokens
+from hf_shift_loss.loss.eager import causal_lm_loss, count_correct_tokens
 from hf_shift_loss.loss.fused import fused_linear_cross_entropy
 from hf_shift_loss.loss.heads import (
     OutputHead,
@@ -30,6 +30,7 @@ from hf_shift_loss.loss.heads import (
     get_output_head,
     lm_head_returns_hidden_states,
 )
+from hf_shift_loss.options import LOSS_IMPLS, LossImpl, Reduction, check_choice
 
 __all__ = ["EagerLoss", "FusedLoss", "LossResult", "choose_loss_path"]
 
@@ -180,7 +181,7 @@ def _unsharded(parameter: torch.Tensor | None) -> torch.Tensor | None:
 
 def choose_loss_path(
     model: nn.Module,
-    loss_impl: Literal["auto", "eager", "fused"] = "auto",
+    loss_impl: LossImpl = "auto",
     *,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
@@ -216,6 +217,7 @@ def choose_loss_path(
         >>> bool(torch.allclose(loss, model(input_ids=input_ids, labels=labels).loss))
         True
     """
+    check_choice("loss_impl", loss_impl, LOSS_IMPLS)
     # MoE models add coef * load-balancing loss to their loss when they output router logits.
     config = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model, "config", None)
     coefficient = (

@@ -1,0 +1,119 @@
+"""The option vocabularies, each declared once, and the checks that more than one entry point makes.
+
+Each choice set is one ``Literal`` alias; its runtime tuple of choices is derived from it
+(``typing.get_args``), never spelled again. The alias types the parameters and dataclass fields that
+take the option (``HfArgumentParser`` turns it into the command line's ``choices``); the tuple is what
+error messages list and what :func:`check_choice` checks against.
+
+The checks are called where the value is consumed (the encoder, the packer, the loss) and, to fail
+before anything is loaded, by :class:`hf_shift_loss.ShiftLossArguments`: one definition and one
+message each.
+
+This module imports nothing from the package: the data and the loss sides both read it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+__all__ = [
+    "END_OF_TURN_MODES",
+    "LOSS_IMPLS",
+    "ON_UNTRAINED",
+    "PACKING_OVERFLOWS",
+    "REDUCTIONS",
+    "TRAIN_ON",
+    "EndOfTurnMode",
+    "LossImpl",
+    "OnUntrained",
+    "PackingOverflow",
+    "Reduction",
+    "TrainOn",
+    "check_choice",
+    "check_loss_options",
+    "check_max_length",
+    "check_packing",
+]
+
+TrainOn = Literal["completion", "all", "last_turn"]
+"""What is trained: the completion (or every turn of the trained roles), only the last such turn, or
+every token."""
+EndOfTurnMode = Literal["turn", "last", "all", "none"]
+"""Which end-of-turn tokens of a conversation are trained (see :func:`hf_shift_loss.encode_messages`)."""
+OnUntrained = Literal["drop", "raise"]
+"""What happens to a row left with no trained token: dropped and counted, or a ValueError naming it."""
+PackingOverflow = Literal["truncate", "split"]
+"""With packing, what happens to a row longer than ``max_length``."""
+LossImpl = Literal["auto", "eager", "fused"]
+"""How the loss runs on a model: full logits, the chunked fused lm_head + cross-entropy, or chosen."""
+Reduction = Literal["mean", "sum", "none"]
+"""How the per-token losses are reduced (see :func:`hf_shift_loss.causal_lm_loss`)."""
+
+TRAIN_ON: tuple[str, ...] = get_args(TrainOn)
+END_OF_TURN_MODES: tuple[str, ...] = get_args(EndOfTurnMode)
+ON_UNTRAINED: tuple[str, ...] = get_args(OnUntrained)
+PACKING_OVERFLOWS: tuple[str, ...] = get_args(PackingOverflow)
+LOSS_IMPLS: tuple[str, ...] = get_args(LossImpl)
+REDUCTIONS: tuple[str, ...] = get_args(Reduction)
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming the option and its choices if ``value`` is not one of ``choices``.
+
+    Examples:
+        >>> check_choice("on_untrained", "drop", ON_UNTRAINED)
+        >>> check_choice("on_untrained", "skip", ON_UNTRAINED)
+        Traceback (most recent call last):
+        ...
+        ValueError: on_untrained must be one of ('drop', 'raise'), got 'skip'
+    """
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_max_length(max_length: int | None) -> None:
+    """A row's length limit: ``None`` (no limit) or at least 2, one input and one target after the shift.
+
+    Examples:
+        >>> check_max_length(1)
+        Traceback (most recent call last):
+        ...
+        ValueError: max_length must be at least 2 (one input and one target), got 1
+    """
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"max_length must be at least 2 (one input and one target), got {max_length}")
+
+
+def check_packing(packing: bool, max_length: int | None) -> None:
+    """Packing fills rows up to ``max_length``: without it there is no capacity.
+
+    Examples:
+        >>> check_packing(True, None)
+        Traceback (most recent call last):
+        ...
+        ValueError: packing needs max_length: it is the capacity of a packed row (set max_length, or packing=False)
+    """
+    if packing and max_length is None:
+        raise ValueError(
+            "packing needs max_length: it is the capacity of a packed row (set max_length, or packing=False)"
+        )
+
+
+def check_loss_options(
+    label_smoothing: float, z_loss: float, *, label_smoothing_name: str = "label_smoothing"
+) -> None:
+    """The loss options' ranges: label smoothing in ``[0, 1)``, z-loss ``>= 0`` (a negative one would
+    reward large logits). ``label_smoothing_name`` is how the caller spells the option
+    (``ShiftLossArguments`` inherits ``label_smoothing_factor``).
+
+    Examples:
+        >>> check_loss_options(0.1, 1e-4)
+        >>> check_loss_options(0.0, -1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: z_loss must be >= 0, got -1.0
+    """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"{label_smoothing_name} must be in [0, 1), got {label_smoothing}")
+    if z_loss < 0.0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
