@@ -222,8 +222,8 @@ class ShiftLossTrainer(Trainer):
         """Stock ``Trainer.train``; saves the data summary with the run (``data_summary.json``) and, when
         resuming, restores the loss metrics saved with the checkpoint, so the resumed run logs exactly
         what the uninterrupted run logs (``total_trained_tokens``, the per-step window, accuracy)."""
-        if self.is_world_process_zero():
-            print(self.run_summary())
+        if self.is_world_process_zero():  # one summary per job: accelerator.print alone prints once per node
+            self.accelerator.print(self.run_summary())
         if self.is_world_process_zero() and self.data_stats:
             os.makedirs(self.args.output_dir, exist_ok=True)
             summary = {name: stats.as_dict() if stats else None for name, stats in self.data_stats.items()}

@@ -9,7 +9,7 @@ the recipe print them: the same type everywhere, never read back from another ob
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 __all__ = ["COUNT_COLUMNS", "DataStats"]
 
@@ -95,10 +95,6 @@ class DataStats:
             return
         self.total_tokens += len(encoded["input_ids"])  # type: ignore[arg-type]
         self.trained_tokens += trained
-
-    def merge(self, other: DataStats) -> DataStats:
-        """The field-wise sum of two statistics (e.g. two ranks' or two shards' counts)."""
-        return DataStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
     def as_dict(self) -> dict[str, float]:
         return {**asdict(self), "packing_fill": self.packing_fill}
