@@ -28,6 +28,7 @@ from hf_shift_loss.options import (
     PackingOverflow,
     TrainOn,
     check_choice,
+    check_chunk_size,
     check_loss_options,
     check_max_length,
     check_packing,
@@ -185,8 +186,7 @@ class ShiftLossArguments(TrainingArguments):
         check_loss_options(
             self.label_smoothing_factor, self.z_loss, label_smoothing_name="label_smoothing_factor"
         )
-        if self.fused_chunk_size is not None and self.fused_chunk_size < 1:
-            raise ValueError(f"fused_chunk_size must be a positive integer, got {self.fused_chunk_size}")
+        check_chunk_size(self.fused_chunk_size, name="fused_chunk_size")
         for name, choices in _choices().items():
             check_choice(name, getattr(self, name), choices)
 

@@ -30,6 +30,7 @@ __all__ = [
     "Reduction",
     "TrainOn",
     "check_choice",
+    "check_chunk_size",
     "check_loss_options",
     "check_max_length",
     "check_packing",
@@ -62,13 +63,15 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 
     Examples:
         >>> check_choice("on_untrained", "drop", ON_UNTRAINED)
-        >>> check_choice("on_untrained", "skip", ON_UNTRAINED)
+        >>> check_choice("train_on", "last", TRAIN_ON)
         Traceback (most recent call last):
         ...
-        ValueError: on_untrained must be one of ('drop', 'raise'), got 'skip'
+        ValueError: train_on must be 'completion', 'all' or 'last_turn', got 'last'
     """
     if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        *first, last = [repr(choice) for choice in choices]
+        listed = f"{', '.join(first)} or {last}" if first else last
+        raise ValueError(f"{name} must be {listed}, got {value!r}")
 
 
 def check_max_length(max_length: int | None) -> None:
@@ -97,6 +100,19 @@ def check_packing(packing: bool, max_length: int | None) -> None:
         raise ValueError(
             "packing needs max_length: it is the capacity of a packed row (set max_length, or packing=False)"
         )
+
+
+def check_chunk_size(chunk_size: int | None, *, name: str = "chunk_size") -> None:
+    """Rows per chunk of the fused loss: ``None`` (from a memory budget) or a positive number.
+
+    Examples:
+        >>> check_chunk_size(0, name="fused_chunk_size")
+        Traceback (most recent call last):
+        ...
+        ValueError: fused_chunk_size must be a positive number of rows, got 0
+    """
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"{name} must be a positive number of rows, got {chunk_size}")
 
 
 def check_loss_options(

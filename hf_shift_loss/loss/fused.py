@@ -28,6 +28,7 @@ from hf_shift_loss.loss.eager import (
     validate_labels,
 )
 from hf_shift_loss.loss.kernel import ChunkedLinearCrossEntropy
+from hf_shift_loss.options import check_chunk_size
 
 __all__ = [
     "fused_linear_cross_entropy",
@@ -245,8 +246,7 @@ def fused_linear_cross_entropy(
     _check_reduction(reduction, label_smoothing, z_loss)
     transform = logit_transform(logit_scale, logit_softcap)
     _validate_inputs(hidden, weight, labels, bias)
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+    check_chunk_size(chunk_size)
     vocab_size, hidden_size = weight.shape
 
     # Model parallelism: the batch may live on another device than the lm_head's input.
