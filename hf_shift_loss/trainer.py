@@ -473,6 +473,10 @@ def _train_split(dataset: Any) -> Any:
     return dataset
 
 
+# peft 0.21's PeftModel reads transformers 5's deprecated ``is_gradient_checkpointing`` alias, which warns.
+PEFT_DEPRECATED_ALIAS_WARNING = ".*is_gradient_checkpointing.*deprecated"
+
+
 def _apply_peft(model: nn.Module, peft_config: Any, gradient_checkpointing: bool) -> nn.Module:
     from peft import PeftModel, get_peft_model
 
@@ -481,10 +485,8 @@ def _apply_peft(model: nn.Module, peft_config: Any, gradient_checkpointing: bool
     if gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed LoRA needs inputs that require grad
     with warnings.catch_warnings():
-        # peft 0.21 reads transformers' deprecated alias; nothing the user can change.
-        warnings.filterwarnings(
-            "ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning
-        )
+        # Nothing the user can change: pinned by tests/test_pins.py, which fails once it is no longer needed.
+        warnings.filterwarnings("ignore", message=PEFT_DEPRECATED_ALIAS_WARNING, category=FutureWarning)
         return get_peft_model(model, peft_config)
 
 

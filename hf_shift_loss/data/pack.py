@@ -44,7 +44,8 @@ PACKING_COLUMNS = ("input_ids", "labels", "position_ids", "split_examples", "los
 # position_ids (block-diagonal causal mask) when there is no attention_mask and no cache.
 _MASK_BACKENDS = ("sdpa", "eager", "flex_attention")
 # Backends that read packed position_ids into cu_seqlens for a varlen kernel; transformers only
-# does so for a batch of one row (modeling_flash_attention_utils._is_packed_sequence).
+# does so for a batch of one row (modeling_flash_attention_utils._is_packed_sequence, pinned by
+# tests/test_pins.py).
 _VARLEN_BACKENDS = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
 
 
@@ -168,7 +169,8 @@ def check_packing_support(
     """Raise ``ValueError`` saying why if ``model`` would not keep packed sequences apart.
 
     Packed batches carry ``position_ids`` and no ``attention_mask``. transformers 5 turns them into a
-    block-diagonal causal mask (sdpa, eager, flex) or varlen flash-attention calls, but only
+    block-diagonal causal mask (sdpa, eager, flex) or varlen flash-attention calls (pinned by
+    tests/test_packing.py and tests/test_pins.py), but only
 
     - with no KV cache in the forward pass (``use_cache=False``), else the causal mask spans the whole
       row and sequences attend to each other silently;
