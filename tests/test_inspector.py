@@ -182,7 +182,9 @@ def test_cli_inspect_counts_truncation_and_dropped_turns(tmp_path, capsys):
     argv = ["inspect", "--tokenizer", smollm2_gguf_path(), "--data", data, "--max-length", "40", "--no-html"]
     assert main([*argv, "--stats-json", str(stats_path), "--train-on", "last_turn"]) == 0
     stats = json.loads(stats_path.read_text())
-    expected = encode_messages(smollm2_tokenizer(), LONG_CHAT["messages"], max_length=40, train_on="last_turn")
+    expected = encode_messages(
+        smollm2_tokenizer(), LONG_CHAT["messages"], max_length=40, train_on="last_turn"
+    )
     assert expected["dropped_turns"] == 2
     assert stats["dropped_turns"] == 2 and stats["truncated_examples"] == 1
     assert stats["truncated_tokens"] == expected["truncated_tokens"]
