@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
 
-from hf_shift_loss.data.chat import DEFAULT_END_OF_TURN, DEFAULT_TRAIN_ROLES, END_OF_TURN_MODES
-from hf_shift_loss.data.encode import TRAIN_ON
+from hf_shift_loss.data.chat import DEFAULT_END_OF_TURN, DEFAULT_TRAIN_ROLES
+from hf_shift_loss.options import END_OF_TURN_MODES, TRAIN_ON
 
 
 def _positive_int(value: str) -> int:

@@ -169,7 +169,9 @@ def _code_version() -> str:
     return digest.hexdigest()
 
 
-def _count(encoded: datasets.Dataset, name: str, on_untrained: str, vocab_size: int | None) -> DataStats:
+def _count(
+    encoded: datasets.Dataset, name: str, on_untrained: OnUntrained, vocab_size: int | None
+) -> DataStats:
     """Exact statistics of an encoded map-style dataset, in one pass over its rows.
 
     The counting rules are :meth:`DataStats.add_example`'s, the same the collator and the inspector use;
@@ -223,7 +225,7 @@ def _has_trained_tokens(trained_tokens: list[int]) -> list[bool]:
 class _StreamedRowFilter:
     """Check streamed rows' ids and drop those with no trained token, saying so for each."""
 
-    def __init__(self, name: str, on_untrained: str, vocab_size: int | None) -> None:
+    def __init__(self, name: str, on_untrained: OnUntrained, vocab_size: int | None) -> None:
         self.name, self.on_untrained, self.vocab_size = name, on_untrained, vocab_size
 
     def __call__(self, row: dict[str, Any], index: int) -> bool:

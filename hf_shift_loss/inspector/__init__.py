@@ -32,6 +32,7 @@ from hf_shift_loss.inspector.html_view import length_histogram_png, write_html
 from hf_shift_loss.inspector.report import NOTABLE_KINDS, InspectionReport, collect_report, length_bin_edges
 from hf_shift_loss.inspector.terminal import print_report
 from hf_shift_loss.inspector.tokens import token_pieces
+from hf_shift_loss.options import PackingOverflow
 
 __all__ = [
     "NOTABLE_KINDS",
@@ -56,7 +57,7 @@ def inspect_dataset(
     max_notable_shown: int = 20,
     about: Mapping[str, str] | None = None,
     packing: bool = False,
-    packing_overflow: str = "truncate",
+    packing_overflow: PackingOverflow = "truncate",
     **encoder_kwargs: Any,
 ) -> InspectionReport:
     """Encode every example as training does, print ``num_examples`` of them and the statistics.

@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover
 from hf_shift_loss.data.encode import Encoder, detect_format
 from hf_shift_loss.data.pack import split_points
 from hf_shift_loss.data.stats import DataStats
+from hf_shift_loss.options import PackingOverflow
 
 __all__ = [
     "NOTABLE_KINDS",
@@ -220,7 +221,7 @@ def _format_of(example: Any) -> str:
 
 
 def _start_report(
-    tokenizer: Any, packing: bool, packing_overflow: str, encoder_kwargs: Mapping[str, Any]
+    tokenizer: Any, packing: bool, packing_overflow: PackingOverflow, encoder_kwargs: Mapping[str, Any]
 ) -> tuple[Encoder, int | None, InspectionReport]:
     """The encoder, the split length (None: no split) and an empty report naming the options."""
     encoder = Encoder(tokenizer, **encoder_kwargs)
@@ -291,7 +292,7 @@ def collect_report(
     max_errors_kept: int = 5,
     max_notable_shown: int = 20,
     packing: bool = False,
-    packing_overflow: str = "truncate",
+    packing_overflow: PackingOverflow = "truncate",
     **encoder_kwargs: Any,
 ) -> tuple[InspectionReport, list[Shown]]:
     """Encode every example as training does; the report and the examples worth showing.
