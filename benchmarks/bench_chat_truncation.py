@@ -19,18 +19,17 @@ Time: median of ``--repetitions`` runs (wall clock). The target: truncation with
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from typing import Any
+
+from harness import command_line, markdown_table, median_time
 
 from hf_shift_loss.data.chat import encode_messages
 from hf_shift_loss.data.load import load_tokenizer
@@ -76,22 +75,8 @@ def load_revision(revision: str) -> Callable[..., dict[str, Any]]:
     return module.encode_messages
 
 
-def timed(
-    function: Callable[..., dict[str, Any]], *args: Any, repetitions: int, **kwargs: Any
-) -> tuple[float, dict[str, Any]]:
-    """Median wall-clock seconds of ``function(*args, **kwargs)`` over ``repetitions`` calls, and its result."""
-    seconds, result = [], None
-    for _ in range(repetitions):
-        start = time.perf_counter()
-        result = function(*args, **kwargs)
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds), result
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_line(__doc__, from_json=False)
     parser.add_argument("--exchanges", type=int, nargs="+", default=[400, 1000])
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--repetitions", type=int, default=3)
@@ -105,9 +90,9 @@ def main() -> None:
     rows = []
     for exchanges in args.exchanges:
         messages = conversation(exchanges)
-        full_s, full = timed(encode_messages, tokenizer, messages, repetitions=args.repetitions)
-        cut_s, cut = timed(
-            encode_messages, tokenizer, messages, max_length=args.max_length, repetitions=args.repetitions
+        full_s, full = median_time(lambda m=messages: encode_messages(tokenizer, m), args.repetitions)
+        cut_s, cut = median_time(
+            lambda m=messages: encode_messages(tokenizer, m, max_length=args.max_length), args.repetitions
         )
         row = {
             "exchanges": exchanges,
@@ -122,7 +107,9 @@ def main() -> None:
             "ratio": round(cut_s / full_s, 2),
         }
         if before is not None:
-            before_s, old = timed(before, tokenizer, messages, max_length=args.max_length, repetitions=1)
+            before_s, old = median_time(
+                lambda m=messages: before(tokenizer, m, max_length=args.max_length), 1
+            )
             row["seconds_truncation_before"] = round(before_s, 3)
             row["speedup"] = round(before_s / cut_s, 1)
             row["same_as_before"] = old == cut
@@ -141,10 +128,7 @@ def main() -> None:
     if before is not None:
         columns += ["seconds_truncation_before", "speedup", "same_as_before"]
     print(f"\nmax_length={args.max_length}, SmolLM2 tokenizer, median of {args.repetitions} runs\n")
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(str(row[column]) for column in columns) + " |")
+    print(markdown_table(columns, [[row[column] for column in columns] for row in rows]))
     results = {
         "machine": {
             "python": platform.python_version(),

@@ -1,31 +1,8 @@
 """Side-by-side forward+backward of the causal-LM loss from hidden states: time and peak extra memory.
 
-Implementations, each run in its own subprocess (so that one's allocator state and peak memory cannot
-leak into another's numbers), in a rotating order from one case to the next:
-
-- ``ours``: ``hf_shift_loss.fused.fused_linear_cross_entropy`` (trained positions only, chunked, the
-  gradients computed in the forward pass).
-- ``trl_trained``: TRL 1.16's fused-head function (``trl.kernels.ChunkedLogProbFunction``, what
-  ``trl.trainer.utils.add_fused_lm_head`` calls) on the trained positions only: what TRL does where
-  Triton runs (CUDA/XPU: ``hidden_states[mask]``).
-- ``trl_all``: the same function on every position (labels clamped, masked afterwards): what TRL does
-  everywhere else, CPU included. Both are called as ``add_fused_lm_head`` calls them (shift by slicing,
-  TRL's vocabulary chunk ``_CHUNKED_LOGPROB_CHUNK_SIZE``, ``masked_scatter``/``masked_fill`` back to the
-  label shape, ``-sum / count``); TRL is imported as a library, nothing of it is copied here.
-- ``torch``: ``torch.nn.functional.linear_cross_entropy(..., options=LinearCrossEntropyOptions(batch_chunk_size=256))``,
-  the chunked path of PyTorch (processes every position; untrained ones are ignore_index). Its "auto"
-  chunking picks one-row chunks on CPU at these shapes, 4-40x slower; 256-row chunks are set instead.
-- ``transformers``: ``logits = F.linear(hidden, weight)`` then ``transformers.loss.loss_utils.ForCausalLMLoss``
-  (full ``[tokens, vocab]`` logits, upcast to float32 as transformers does).
-
-Settings: 0 % / 50 % / 90 % of positions masked (label -100 on the start of every row, like a prompt),
-float32 and bfloat16, V = 32000 and 128256, a trainable and a frozen head (``weight.requires_grad``).
-
-Peak extra memory: on CPU the resident-set high-water mark during one forward+backward minus the resident
-set after the inputs are allocated (``/proc/self/clear_refs`` resets the mark; a fresh process's
-``ru_maxrss`` otherwise); on CUDA ``torch.cuda.max_memory_allocated`` minus the allocated memory before.
-It includes the gradients that every implementation returns (wrt hidden, and wrt weight when the head
-trains); "workspace" is the peak minus those gradients.
+Ours, TRL's fused head on the trained rows and on all rows, torch's chunked ``linear_cross_entropy`` and
+transformers' loss on full logits, each in its own process; what is measured and how:
+benchmarks/README.md.
 
 Usage::
 
@@ -38,28 +15,39 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import resource
-import statistics
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench_common import loadavg, reset_peak_rss, resident_bytes, write_section
+from harness import (
+    REPO,
+    command_line,
+    device_description,
+    grouped_bars,
+    import_loss_modules_only,
+    loadavg,
+    loss_inputs,
+    markdown_table,
+    measure_steps,
+    ratio,
+    run_worker,
+    save_figure,
+    save_results,
+    serve_worker,
+    subplots,
+    write_section,
+)
 
-REPO = Path(__file__).resolve().parent.parent
 IMPLEMENTATIONS = ("ours", "trl_trained", "trl_all", "torch", "transformers")
 REFERENCE = "trl_trained"  # ratios are against TRL's function (both ways)
 SECTION_HEADING = "## Loss: fused linear + cross-entropy"
-SEQUENCE_LENGTH = 1024  # tokens per row; a masked fraction masks the start (the prompt) of every row
 MASKED_FRACTIONS = (0.0, 0.5, 0.9)
 TORCH_BATCH_CHUNK = 256  # rows per chunk of torch's linear_cross_entropy (see make_loss_fn)
 # Targets of issue 9 on CPU: ours <= 0.6x TRL's time and <= 0.15x its peak extra memory.
 TIME_TARGET, MEMORY_TARGET = 0.6, 0.15
+RESULTS_JSON = REPO / "benchmarks" / "results_loss.json"
 
 
 @dataclass
@@ -90,32 +78,46 @@ class Measurement:
 # ---------------------------------------------------------------------------------------------- worker
 
 
-def make_loss_fn(case: Case, implementation: str, hidden, weight, labels, trl_chunk_size: int):
-    """A closure computing the scalar mean loss over the trained tokens of ``labels`` (shifted)."""
+def make_loss_fn(implementation: str, hidden, weight, labels, trl_chunk_size: int):
+    """A closure computing the scalar mean loss over the trained tokens of ``labels`` (shifted), from
+    ``hidden [rows, seq, H]`` and ``weight [V, H]``. ``liger`` and ``cce`` (Liger-Kernel's and
+    cut-cross-entropy's fused linear cross-entropy, Triton kernels) run on CUDA only (gpu_suite.py)."""
     import torch
     import torch.nn.functional as F
 
+    hidden_size, vocab_size = weight.shape[1], weight.shape[0]
     if implementation == "transformers":
         from transformers.loss.loss_utils import ForCausalLMLoss
 
         def loss_fn() -> torch.Tensor:
-            return ForCausalLMLoss(F.linear(hidden, weight), labels, vocab_size=case.vocab_size)
+            return ForCausalLMLoss(F.linear(hidden, weight), labels, vocab_size=vocab_size)
 
-    elif implementation == "torch":
-        from torch.nn import LinearCrossEntropyOptions
-
+    elif implementation in ("torch", "liger", "cce"):
         from hf_shift_loss.loss import shift_labels
+
+        targets = shift_labels(labels).reshape(-1)  # the last position of every row becomes -100: same loss
+
+        def flat() -> torch.Tensor:
+            return hidden.reshape(-1, hidden_size)
+
+        if implementation == "liger":
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            loss_module = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="mean")
+            return lambda: loss_module(weight, flat(), targets)
+        if implementation == "cce":
+            from cut_cross_entropy import linear_cross_entropy
+
+            return lambda: linear_cross_entropy(flat(), weight, targets, ignore_index=-100, reduction="mean")
+        from torch.nn import LinearCrossEntropyOptions
 
         # PyTorch's "auto" chunking picks one-row chunks on CPU at these shapes (a scatter_add_ per row: 5.8 s
         # per step at 1024 x 512 x 32k, ~60 s at 512 x 256 x 128k, against ~1.4 s with 256-row chunks), so its
         # documented batch_chunk_size option is set to 256 rows.
         options = LinearCrossEntropyOptions(batch_chunk_size=TORCH_BATCH_CHUNK)
-        targets = shift_labels(labels).reshape(-1)
 
         def loss_fn() -> torch.Tensor:
-            return F.linear_cross_entropy(
-                hidden.reshape(-1, case.hidden_size), weight, targets, ignore_index=-100, options=options
-            )
+            return F.linear_cross_entropy(flat(), weight, targets, ignore_index=-100, options=options)
 
     elif implementation in ("trl_trained", "trl_all"):
         # TRL's function, called the way trl.trainer.utils.add_fused_lm_head calls it (temperature 1, no
@@ -130,7 +132,7 @@ def make_loss_fn(case: Case, implementation: str, hidden, weight, labels, trl_ch
             if compact:
                 rows, targets = hidden_states[mask], shifted[mask]
             else:
-                rows, targets = hidden_states.reshape(-1, case.hidden_size), shifted.clamp(min=0).reshape(-1)
+                rows, targets = hidden_states.reshape(-1, hidden_size), shifted.clamp(min=0).reshape(-1)
             log_probs = ChunkedLogProbFunction.apply(
                 rows, weight, None, targets, 1.0, trl_chunk_size, None, 1.0, ("log_probs",)
             )[0]
@@ -151,83 +153,24 @@ def make_loss_fn(case: Case, implementation: str, hidden, weight, labels, trl_ch
     return loss_fn
 
 
-def _import_loss_modules_only() -> None:
-    """Make ``hf_shift_loss.fused``/``.loss`` importable without the package's ``__init__``.
-
-    They need only torch; the package's ``__init__`` imports the trainer (transformers' Trainer, datasets,
-    ...), seconds of start-up in each of the ~120 worker processes. Nothing measured is affected.
-    """
-    import types
-
-    if "hf_shift_loss" not in sys.modules:
-        package = types.ModuleType("hf_shift_loss")
-        package.__path__ = [str(REPO / "hf_shift_loss")]
-        sys.modules["hf_shift_loss"] = package
-
-
-def run_worker(case: Case, implementation: str, repetitions: int, trl_chunk_size: int) -> Measurement:
+def worker(case: dict, implementation: str, repetitions: int, chunk: int) -> dict:
+    """One implementation on one case: the memory of the first (cold) step, then ``repetitions`` timed steps."""
     import torch
 
-    sys.path.insert(0, str(REPO))
-    _import_loss_modules_only()
-    device = torch.device(case.device)
-    dtype = getattr(torch, case.dtype)
-    generator = torch.Generator().manual_seed(0)
-    seq = min(SEQUENCE_LENGTH, case.tokens)
-    rows = max(1, case.tokens // seq)
-    hidden = torch.randn(rows, seq, case.hidden_size, generator=generator).to(device, dtype).requires_grad_()
-    weight = (torch.randn(case.vocab_size, case.hidden_size, generator=generator) * 0.02).to(device, dtype)
-    weight.requires_grad_(case.head == "trainable")
-    labels = torch.randint(0, case.vocab_size, (rows, seq), generator=generator).to(device)
-    labels[:, : int(seq * case.masked_fraction)] = -100
-    loss_fn = make_loss_fn(case, implementation, hidden, weight, labels, trl_chunk_size)
-
-    cpu_seconds = []
-    last_loss = []
-
-    def step() -> float:
-        hidden.grad = None
-        weight.grad = None
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start, cpu_start = time.perf_counter(), time.process_time()
-        loss = loss_fn()
-        loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        cpu_seconds.append(time.process_time() - cpu_start)
-        last_loss[:] = [float(loss.detach())]
-        return seconds
-
-    # Memory of one step, measured from the first step (cold: includes what a first call allocates).
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        peak_extra = torch.cuda.max_memory_allocated() - baseline
-    else:
-        baseline = resident_bytes("VmRSS")
-        if reset_peak_rss():
-            step()
-            peak_extra = resident_bytes("VmHWM") - baseline
-        else:
-            baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            step()
-            peak_extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
-    cpu_seconds.clear()
-    seconds = [step() for _ in range(repetitions)]
-    return Measurement(
-        implementation,
-        statistics.median(seconds),
-        seconds,
-        statistics.median(cpu_seconds),
-        peak_extra,
-        last_loss[0],
-        loadavg(),
-        torch.get_num_threads(),
+    import_loss_modules_only()
+    c = Case(**case)
+    hidden, weight, labels = loss_inputs(
+        c.tokens, c.hidden_size, c.vocab_size, c.masked_fraction, c.dtype, c.device, c.head == "trainable"
     )
+    m = measure_steps(
+        make_loss_fn(implementation, hidden, weight, labels, chunk),
+        (hidden, weight),
+        c.device,
+        0,
+        repetitions,
+    )
+    fields = ("seconds_median", "seconds_all", "cpu_seconds_median", "peak_extra_bytes", "loss")
+    return asdict(Measurement(implementation, *(m[f] for f in fields), loadavg(), torch.get_num_threads()))
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -238,20 +181,6 @@ def trl_chunk_size() -> int:
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
 
     return int(_CHUNKED_LOGPROB_CHUNK_SIZE)
-
-
-def measure(case: Case, implementation: str, repetitions: int, chunk: int) -> Measurement:
-    spec = {
-        "case": asdict(case),
-        "implementation": implementation,
-        "repetitions": repetitions,
-        "chunk": chunk,
-    }
-    command = [sys.executable, __file__, "--worker", json.dumps(spec)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=REPO)
-    if result.returncode != 0:
-        raise RuntimeError(f"{implementation} on {case} failed:\n{result.stderr[-3000:]}")
-    return Measurement(**json.loads(result.stdout.strip().splitlines()[-1]))
 
 
 # CPU shapes (tokens N x hidden H x vocabulary V), chosen so that the whole matrix (24 cases x 5
@@ -300,107 +229,91 @@ def workspace_bytes(case: Case, measurement: Measurement) -> int:
     return max(0, measurement.peak_extra_bytes - gradient_bytes(case))
 
 
-def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}" if b > 0 else "n/a"
-
-
 def shape_label(case: Case) -> str:
     return f"{case.tokens} × {case.hidden_size} × {case.vocab_size // 1000}k"
 
 
-def markdown_table(results: list[tuple[Case, dict[str, Measurement]]]) -> str:
+def setting_cells(case: Case) -> list[str]:
+    return [shape_label(case), case.head, case.dtype, f"{case.masked_fraction:.0%}"]
+
+
+def versus(m: Measurement, reference: Measurement, fields: tuple[str, ...]) -> list[str]:
+    return [ratio(getattr(m, f), getattr(reference, f)) for f in fields]
+
+
+TIME_MEMORY = ("seconds_median", "cpu_seconds_median", "peak_extra_bytes")
+
+
+def results_table(results: list[tuple[Case, dict[str, Measurement]]]) -> str:
     """One row per case and implementation; ratios against TRL's function on the trained rows and on all."""
-    lines = [
-        "| N × H × V | head | dtype | masked | implementation | time (s) | CPU time (s) "
-        "| peak extra (MiB) | workspace (MiB) | time / TRL trained | CPU time / TRL trained "
-        "| memory / TRL trained | time / TRL all | CPU time / TRL all | memory / TRL all | loss |",
-        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    headers = ["N × H × V", "head", "dtype", "masked", "implementation", "time (s)", "CPU time (s)"]
+    headers += ["peak extra (MiB)", "workspace (MiB)"]
+    headers += [f"{q} / TRL {w}" for w in ("trained", "all") for q in ("time", "CPU time", "memory")]
+    rows = []
     for case, measured in results:
-        trained, every = measured["trl_trained"], measured["trl_all"]
         for name in implementations_for(case):
             m = measured[name]
-            lines.append(
-                f"| {shape_label(case)} | {case.head} | {case.dtype} | {case.masked_fraction:.0%} | {name} "
-                f"| {m.seconds_median:.2f} | {m.cpu_seconds_median:.2f} | {m.peak_extra_bytes / 2**20:.0f} "
-                f"| {workspace_bytes(case, m) / 2**20:.0f} "
-                f"| {_ratio(m.seconds_median, trained.seconds_median)} "
-                f"| {_ratio(m.cpu_seconds_median, trained.cpu_seconds_median)} "
-                f"| {_ratio(m.peak_extra_bytes, trained.peak_extra_bytes)} "
-                f"| {_ratio(m.seconds_median, every.seconds_median)} "
-                f"| {_ratio(m.cpu_seconds_median, every.cpu_seconds_median)} "
-                f"| {_ratio(m.peak_extra_bytes, every.peak_extra_bytes)} | {m.loss:.4f} |"
+            rows.append(
+                [*setting_cells(case), name, f"{m.seconds_median:.2f}", f"{m.cpu_seconds_median:.2f}"]
+                + [f"{m.peak_extra_bytes / 2**20:.0f}", f"{workspace_bytes(case, m) / 2**20:.0f}"]
+                + versus(m, measured["trl_trained"], TIME_MEMORY)
+                + versus(m, measured["trl_all"], TIME_MEMORY)
+                + [f"{m.loss:.4f}"]
             )
-    return "\n".join(lines)
+    return markdown_table(headers + ["loss"], rows, "lllrl" + "r" * 11)
 
 
 def ratio_table(results: list[tuple[Case, dict[str, Measurement]]]) -> str:
     """Ours against TRL's function, one row per case, with the targets marked."""
-    lines = [
-        "| N × H × V | head | dtype | masked | CPU time / TRL trained | time / TRL trained "
-        "| memory / TRL trained | workspace / TRL trained | CPU time / TRL all | memory / TRL all "
-        f"| time ≤ {TIME_TARGET} | memory ≤ {MEMORY_TARGET} |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|:-:|:-:|",
-    ]
+    headers = ["N × H × V", "head", "dtype", "masked", "CPU time / TRL trained", "time / TRL trained"]
+    headers += ["memory / TRL trained", "workspace / TRL trained", "CPU time / TRL all", "memory / TRL all"]
+    headers += [f"time ≤ {TIME_TARGET}", f"memory ≤ {MEMORY_TARGET}"]
+    rows = []
     for case, measured in results:
         ours, trained, every = measured["ours"], measured["trl_trained"], measured["trl_all"]
         cpu = ours.cpu_seconds_median / trained.cpu_seconds_median
         memory = ours.peak_extra_bytes / trained.peak_extra_bytes
-        workspace = _ratio(workspace_bytes(case, ours), workspace_bytes(case, trained))
-        lines.append(
-            f"| {shape_label(case)} | {case.head} | {case.dtype} | {case.masked_fraction:.0%} | {cpu:.2f} "
-            f"| {_ratio(ours.seconds_median, trained.seconds_median)} | {memory:.2f} | {workspace} "
-            f"| {_ratio(ours.cpu_seconds_median, every.cpu_seconds_median)} "
-            f"| {_ratio(ours.peak_extra_bytes, every.peak_extra_bytes)} "
-            f"| {'yes' if cpu <= TIME_TARGET else '**no**'} | {'yes' if memory <= MEMORY_TARGET else '**no**'} |"
+        rows.append(
+            [*setting_cells(case), f"{cpu:.2f}", ratio(ours.seconds_median, trained.seconds_median)]
+            + [f"{memory:.2f}", ratio(workspace_bytes(case, ours), workspace_bytes(case, trained))]
+            + versus(ours, every, TIME_MEMORY[1:])
+            + ["yes" if cpu <= TIME_TARGET else "**no**", "yes" if memory <= MEMORY_TARGET else "**no**"]
         )
-    return "\n".join(lines)
+    return markdown_table(headers, rows, "lllr" + "r" * 6 + "cc")
 
 
 def plot(results: list[tuple[Case, dict[str, Measurement]]], path: Path) -> None:
     """Ours / TRL (trained rows) per case: CPU time and peak extra memory, with the targets."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    matrix = [(c, m) for c, m in results if c.group == "matrix"]
+    matrix = [m for c, m in results if c.group == "matrix"]
     labels = [
         f"{c.vocab_size // 1000}k {c.head[:5]} {'bf16' if c.dtype == 'bfloat16' else 'fp32'} "
         f"{c.masked_fraction:.0%}"
-        for c, _ in matrix
+        for c, _ in results
+        if c.group == "matrix"
     ]
-    figure, (time_axis, memory_axis) = plt.subplots(2, 1, figsize=(13, 7.5), sharex=True)
-    width = 0.2
-    for offset, name in enumerate(("ours", "trl_all", "torch", "transformers")):
-        positions = [i + (offset - 1.5) * width for i in range(len(matrix))]
-        time_axis.bar(
-            positions,
-            [m[name].cpu_seconds_median / m["trl_trained"].cpu_seconds_median for _, m in matrix],
-            width,
-            label=name,
-        )
-        memory_axis.bar(
-            positions,
-            [m[name].peak_extra_bytes / m["trl_trained"].peak_extra_bytes for _, m in matrix],
-            width,
-            label=name,
-        )
-    time_axis.axhline(TIME_TARGET, color="black", linestyle="--", linewidth=1, label=f"target {TIME_TARGET}")
-    memory_axis.axhline(
-        MEMORY_TARGET, color="black", linestyle="--", linewidth=1, label=f"target {MEMORY_TARGET}"
+    figure, axes = subplots(2, 1, figsize=(13, 7.5), sharex=True)
+    panels = (
+        (
+            "cpu_seconds_median",
+            TIME_TARGET,
+            "CPU time of forward+backward / TRL's fused head on the trained rows",
+        ),
+        ("peak_extra_bytes", MEMORY_TARGET, "peak extra memory / TRL's fused head on the trained rows"),
     )
-    time_axis.axhline(1.0, color="grey", linewidth=0.8)
-    memory_axis.axhline(1.0, color="grey", linewidth=0.8)
-    time_axis.set_title("CPU time of forward+backward / TRL's fused head on the trained rows (log scale)")
-    memory_axis.set_title("peak extra memory / TRL's fused head on the trained rows (log scale)")
-    for axis in (time_axis, memory_axis):
+    for axis, (key, target, title) in zip(axes, panels, strict=True):
+        names = ("ours", "trl_all", "torch", "transformers")
+        grouped_bars(
+            axis,
+            {n: [getattr(m[n], key) / getattr(m["trl_trained"], key) for m in matrix] for n in names},
+            0.2,
+        )
+        axis.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target {target}")
+        axis.axhline(1.0, color="grey", linewidth=0.8)
+        axis.set_title(f"{title} (log scale)")
         axis.set_yscale("log")
         axis.legend(fontsize=7, ncol=6)
-    memory_axis.set_xticks(range(len(matrix)), labels, fontsize=7, rotation=60, ha="right")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    axes[1].set_xticks(range(len(matrix)), labels, fontsize=7, rotation=60, ha="right")
+    save_figure(figure, path)
 
 
 def section_text(saved: dict, results: list[tuple[Case, dict[str, Measurement]]], analysis: str) -> str:
@@ -414,7 +327,7 @@ The issue's own shape (4096 × 1024 × 32k, 50 % masked, trainable head), ours a
 
 {ratio_table(headline)}
 
-{markdown_table(headline)}
+{results_table(headline)}
 """
     return f"""{SECTION_HEADING}
 
@@ -451,22 +364,11 @@ Ours against TRL's function (targets on CPU: ≤ {TIME_TARGET}× its time and �
 
 <details><summary>All implementations, all settings</summary>
 
-{markdown_table(matrix)}
+{results_table(matrix)}
 
 </details>
 
 """
-
-
-def device_description() -> str:
-    import platform
-
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    cores = os.cpu_count()
-    return f"CPU ({platform.processor() or platform.machine()}, {cores} cores, torch {torch.__version__})"
 
 
 def load_results(path: Path) -> tuple[dict, list[tuple[Case, dict[str, Measurement]]]]:
@@ -478,38 +380,38 @@ def load_results(path: Path) -> tuple[dict, list[tuple[Case, dict[str, Measureme
     return saved, results
 
 
+def as_json(results: list[tuple[Case, dict[str, Measurement]]]) -> list[dict]:
+    return [{"case": asdict(c), "measured": {n: asdict(m) for n, m in ms.items()}} for c, ms in results]
+
+
 def write_docs(saved: dict, results: list[tuple[Case, dict[str, Measurement]]]) -> None:
     """Rewrite this benchmark's section of docs/performance.md and its plot."""
-    analysis = saved.get("analysis", "")
-    write_section(REPO / "docs" / "performance.md", SECTION_HEADING, section_text(saved, results, analysis))
+    write_section(SECTION_HEADING, section_text(saved, results, saved.get("analysis", "")))
     plot(results, REPO / "docs" / "img" / "bench_loss.png")
 
 
+def check_losses(case: Case, measured: dict[str, Measurement]) -> None:
+    """Every implementation agrees on the loss, but torch's in bfloat16: it returns a loss accumulated in
+    bfloat16 (0.1-0.6 % off in the matrix, 13 % at H = 128 in --quick), recorded, not checked."""
+    reference = measured["transformers" if "transformers" in measured else "trl_trained"].loss
+    tolerance = 1e-3 if case.dtype == "float32" else 1e-2
+    for name, m in measured.items():
+        m.extra["loss_relative_error"] = abs(m.loss - reference) / abs(reference)
+        if m.extra["loss_relative_error"] > tolerance and not (name == "torch" and case.dtype != "float32"):
+            raise RuntimeError(f"{name} disagrees on the loss for {case}: {m.loss} vs {reference}")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_line(__doc__)
     parser.add_argument("--quick", action="store_true", help="small shapes; prints the tables only")
     parser.add_argument("--repetitions", type=int, default=1, help="timed steps after the warm-up (matrix)")
     parser.add_argument("--headline-repetitions", type=int, default=2)
     parser.add_argument("--no-headline", action="store_true", help="skip the issue's 4096 x 1024 x 32k shape")
-    parser.add_argument("--from-json", type=Path, help="rewrite the docs from saved results, measure nothing")
     parser.add_argument("--resume", type=Path, help="reuse the cases measured in this partial results file")
     parser.add_argument("--remeasure", default="", help="with --resume: implementations measured again")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        spec = json.loads(args.worker)
-        measurement = run_worker(
-            Case(**spec["case"]), spec["implementation"], spec["repetitions"], spec["chunk"]
-        )
-        print(json.dumps(asdict(measurement)))
-        return
-
-    results_json = REPO / "benchmarks" / "results_loss.json"
     if args.from_json:
-        saved, results = load_results(args.from_json)
-        write_docs(saved, results)
+        write_docs(*load_results(args.from_json))
         return
 
     chunk = trl_chunk_size()
@@ -517,50 +419,33 @@ def main() -> None:
     print(f"load average before: {load_before}; TRL vocabulary chunk {chunk}", flush=True)
     results = []
     resumed = {}
-    if args.resume:
-        for entry in json.loads(args.resume.read_text()):
-            remeasure = set(args.remeasure.split(","))
-            kept = {n: Measurement(**m) for n, m in entry["measured"].items() if n not in remeasure}
-            resumed[json.dumps(entry["case"], sort_keys=True)] = kept
+    for entry in json.loads(args.resume.read_text()) if args.resume else []:
+        remeasure = set(args.remeasure.split(","))
+        kept = {n: Measurement(**m) for n, m in entry["measured"].items() if n not in remeasure}
+        resumed[json.dumps(entry["case"], sort_keys=True)] = kept
     for index, case in enumerate(cases_to_run(args.quick, not args.no_headline)):
         names = implementations_for(case)
         order = names[index % len(names) :] + names[: index % len(names)]  # rotate: no fixed first/last
         measured = dict(resumed.get(json.dumps(asdict(case), sort_keys=True), {}))
-        for implementation in order:
-            if implementation in measured:
-                continue
-            repetitions = args.headline_repetitions if case.group == "headline" else args.repetitions
-            m = measure(case, implementation, repetitions, chunk)
-            measured[implementation] = m
+        repetitions = args.headline_repetitions if case.group == "headline" else args.repetitions
+        for implementation in (name for name in order if name not in measured):
+            spec = {"case": asdict(case), "implementation": implementation, "repetitions": repetitions}
+            m = measured[implementation] = Measurement(**run_worker(__file__, spec | {"chunk": chunk}))
             print(
                 f"{case} {implementation}: {m.seconds_median:.2f}s cpu {m.cpu_seconds_median:.2f}s "
                 f"{m.peak_extra_bytes / 2**20:.0f} MiB loss={m.loss:.6f} load {m.loadavg}",
                 flush=True,
             )
         measured = {name: measured[name] for name in names}
-        # Every implementation returns a float32 loss but torch's linear_cross_entropy, whose bfloat16 loss
-        # is accumulated in bfloat16 (0.1-0.6 % off in the matrix, 13 % at H = 128 in --quick): it is recorded, not checked.
-        reference = measured["transformers" if "transformers" in measured else "trl_trained"].loss
-        tolerance = 1e-3 if case.dtype == "float32" else 1e-2
-        for name, m in measured.items():
-            m.extra["loss_relative_error"] = abs(m.loss - reference) / abs(reference)
-            if m.extra["loss_relative_error"] > tolerance and not (
-                name == "torch" and case.dtype != "float32"
-            ):
-                raise RuntimeError(f"{name} disagrees on the loss for {case}: {m.loss} vs {reference}")
+        check_losses(case, measured)
         results.append((case, measured))
-        partial = [
-            {"case": asdict(c), "measured": {n: asdict(m) for n, m in ms.items()}} for c, ms in results
-        ]
-        Path(os.environ.get("BENCH_LOSS_PARTIAL", "/tmp/bench_loss_partial.json")).write_text(
-            json.dumps(partial)
-        )
+        partial = Path(os.environ.get("BENCH_LOSS_PARTIAL", "/tmp/bench_loss_partial.json"))
+        partial.write_text(json.dumps(as_json(results)))
 
     print(ratio_table(results))
-    print(markdown_table([r for r in results if r[0].group == "matrix"]))
+    print(results_table([r for r in results if r[0].group == "matrix"]))
     print(f"{time.perf_counter() - started:.0f} s; load average after: {loadavg()}")
     if not args.quick:
-        previous = json.loads(results_json.read_text()) if results_json.exists() else {}
         saved = {
             "device": device_description(),
             "repetitions": args.repetitions,
@@ -570,14 +455,10 @@ def main() -> None:
             "loadavg_before": load_before,
             "loadavg_after": loadavg(),
             "seconds": round(time.perf_counter() - started),
-            "analysis": previous.get("analysis", ""),  # written by hand, kept across runs
-            "results": [
-                {"case": asdict(c), "measured": {n: asdict(m) for n, m in ms.items()}} for c, ms in results
-            ],
+            "results": as_json(results),
         }
-        results_json.write_text(json.dumps(saved, indent=1) + "\n")
-        write_docs(saved, results)
+        write_docs(save_results(RESULTS_JSON, saved), results)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and not serve_worker(worker):
     main()

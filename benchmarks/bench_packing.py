@@ -1,35 +1,15 @@
 """Packing on the bundled HumanEval rows: rows per epoch, time per epoch, and why (CPU).
 
+What is measured and how: benchmarks/README.md.
+
     python benchmarks/bench_packing.py                    # ~10 min on 2 cores; prints markdown tables and
                                                           # writes benchmarks/results_packing.json
     python benchmarks/bench_packing.py --skip-smollm      # tiny model only (about a minute)
     python benchmarks/bench_packing.py --smollm-steps 2   # fewer SmolLM2 steps
-
-The 148 rows of ``recipes/data/humaneval_sft.jsonl`` become chat messages (user: prompt, assistant:
-completion) as in ``recipes/sft.py``, encoded with the SmolLM2 tokenizer by :class:`Encoder` through
-:func:`prepare_dataset`, as :class:`ShiftLossTrainer` does. Micro-batches of 4 (rows, for packing).
-
-(a) Rows per epoch and fill (real tokens / tensor slots, ``slots`` = rows x padded width of each
-    micro-batch, as :class:`Batcher` pads), at ``max_length`` 384 and 128, for
-    - ``padded``: one row per example, random order; ``padded, grouped``: ``group_by_length`` order
-      (transformers' ``get_length_grouped_indices``);
-    - ``per-batch packed``: the removed per-batch packer, i.e. :func:`pack_rows` on each random group of
-      4 encoded rows (what ``PromptMaskingCollator(packing=True)`` did);
-    - ``dataset packed``: ``prepare_dataset(..., packing=True)``, best-fit decreasing over the whole set.
-(b) Time per epoch, training as the trainer does (its loss path, ``loss_impl="auto"`` = fused; packed
-    batches with ``use_cache=False``) plus a plain SGD step, fixed seed, layouts alternating step by step
-    or epoch by epoch so that other load on the shared machine hits them alike; medians. Tiny Llama
-    (``build_tiny_llama``, SmolLM2 vocabulary): whole epochs. SmolLM2-135M (full fine-tuning, float32):
-    a few steps spread over the epoch, extrapolated as median seconds per slot x the epoch's slots.
-(c) Why: mask construction (``masking_utils.create_causal_mask``) against the backbone's forward;
-    the sdpa kernel with ``is_causal`` vs an explicit causal mask vs the packed block-diagonal mask vs
-    one call per sequence (what a varlen kernel would compute); attention work per epoch (sum of
-    rows x width^2 computed vs sum of L^2 needed); the row count.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -42,7 +22,7 @@ from typing import Any
 import datasets
 import torch
 import torch.nn.functional as F
-from bench_common import loadavg
+from harness import command_line, loadavg, median_time, timed
 from transformers.masking_utils import create_causal_mask
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
@@ -169,12 +149,6 @@ class Stepper:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def timed(function, *args) -> tuple[float, float]:
-    start, start_cpu = time.perf_counter(), time.process_time()
-    function(*args)
-    return time.perf_counter() - start, time.process_time() - start_cpu
-
-
 def add_flops(result: dict, model: torch.nn.Module, counts: dict[str, dict], trained_tokens: int) -> dict:
     for name, entry in result.items():
         entry["flops"] = model_flops(model, counts[name], trained_tokens)
@@ -237,12 +211,7 @@ def _spread(count: int, wanted: int) -> list[int]:
 
 # ---------------------------------------------------------------------------------------- diagnosis
 def median_ms(function, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return 1e3 * median_time(function, repeats)[0]
 
 
 def diagnose(
@@ -393,9 +362,7 @@ def diagnosis_table(diagnosis: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_line(__doc__, from_json=False)
     parser.add_argument(
         "--threads",
         type=int,

