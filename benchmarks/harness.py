@@ -1,20 +1,10 @@
-"""The benchmark harness: what every script in benchmarks/ shares, so that each script holds only its cases,
-implementations and text.
+"""The benchmark harness: what every script in benchmarks/ shares (the worker processes and their JSON
+protocol, the device description, memory and time readings, tables, results files and the
+docs/performance.md section writer), so that each script holds only its cases, implementations and text.
+benchmarks/README.md shows how a script uses it.
 
-- **Processes**: :func:`command_line` is a script's argument parser; :func:`run_worker` starts ``python SCRIPT --worker SPEC`` (one implementation, one process,
-  so that allocator caches, compiled code and peak-memory marks cannot leak between implementations) and
-  reads back the JSON line the worker prints; :func:`serve_worker`, called first in the script's
-  ``__main__`` block (``if not serve_worker(worker): main()``), is the worker's side of that protocol. :func:`run_command` runs any other command offline.
-- **Readings**: :func:`device_description`, :func:`loadavg`, the process's memory from ``/proc``
-  (:func:`resident_bytes`, :func:`reset_peak_rss`), a timed call (:func:`timed`, :func:`median_time`) and one
-  forward + backward measured the same way by every loss benchmark (:func:`loss_inputs`,
-  :func:`measure_steps`).
-- **Output**: :func:`markdown_table`, the plots' :func:`subplots`, :func:`grouped_bars` and
-  :func:`save_figure`, :func:`save_results` (keeps the hand-written ``"analysis"``),
-  :func:`write_section` (a ``## `` section of docs/performance.md).
-
-Standard library only at import time (torch is imported inside the functions that need it), so that a
-worker process starts at no extra cost.
+Standard library only at import time (torch and matplotlib are imported inside the functions that need
+them), so that a worker process starts at no extra cost.
 """
 
 from __future__ import annotations
