@@ -63,7 +63,9 @@ def worker(case: dict, implementation: str, repetitions: int) -> dict:
 
     if implementation == "compiled":
         loss_fn = torch.compile(loss_fn, fullgraph=True, dynamic=False)
-    m = measure_steps(lambda: loss_fn(hidden, weight, labels), (hidden, weight), "cpu", 1, repetitions)
+    m = measure_steps(
+        lambda: loss_fn(hidden, weight, labels), (hidden, weight), "cpu", 1, repetitions, trim=True
+    )
     return {"implementation": implementation} | {f: m[f] for f in MEASUREMENT_FIELDS}
 
 

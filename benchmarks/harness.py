@@ -138,12 +138,13 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_extra_bytes(function: Callable[[], Any], device: str) -> int:
+def peak_extra_bytes(function: Callable[[], Any], device: str, trim: bool = False) -> int:
     """Peak memory of ``function()`` above the memory before it.
 
     CUDA: ``torch.cuda.max_memory_allocated()`` minus the memory allocated before. CPU: the resident-set
-    high-water mark minus the resident set before (``/proc/self/clear_refs`` resets the mark, freed heap is
-    given back first with ``malloc_trim``; without ``clear_refs``, ``ru_maxrss``: a fresh process's peak).
+    high-water mark minus the resident set before (``/proc/self/clear_refs`` resets the mark; without it,
+    ``ru_maxrss``: a fresh process's peak). With ``trim``, freed heap is given back first (``malloc_trim``),
+    so that memory freed by earlier steps and still resident cannot hide the step's own.
     """
     if device == "cuda":
         import torch
@@ -154,7 +155,8 @@ def peak_extra_bytes(function: Callable[[], Any], device: str) -> int:
         torch.cuda.reset_peak_memory_stats()
         function()
         return torch.cuda.max_memory_allocated() - baseline
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    if trim:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     if reset_peak_rss():
         baseline = resident_bytes("VmRSS")
         function()
@@ -209,11 +211,16 @@ def loss_inputs(
 
 
 def measure_steps(
-    loss_fn: Callable[[], Any], parameters: Sequence[Any], device: str, warmup: int, repetitions: int
+    loss_fn: Callable[[], Any],
+    parameters: Sequence[Any],
+    device: str,
+    warmup: int,
+    repetitions: int,
+    trim: bool = False,
 ) -> dict[str, Any]:
     """Forward + backward of ``loss_fn()`` (a scalar loss; ``parameters`` get their ``.grad`` cleared first):
-    ``warmup`` steps, then one step for the peak extra memory (:func:`peak_extra_bytes`; with ``warmup=0`` the
-    cold first step), then ``repetitions`` timed steps (wall and process CPU time, CUDA synchronized).
+    ``warmup`` steps, then one step for the peak extra memory (:func:`peak_extra_bytes` with ``trim``; with
+    ``warmup=0`` the cold first step), then ``repetitions`` timed steps (wall and process CPU time, CUDA synchronized).
 
     Returns ``seconds_all``, ``seconds_median``, ``cpu_seconds_median``, ``warmup_seconds`` (the first
     warm-up step's, 0.0 without one), ``peak_extra_bytes`` and ``loss`` (the last step's).
@@ -243,7 +250,7 @@ def measure_steps(
     warmup_seconds = [step() for _ in range(warmup)]
     for parameter in parameters:
         parameter.grad = None
-    peak = peak_extra_bytes(step, device)
+    peak = peak_extra_bytes(step, device, trim)
     cpu_seconds.clear()
     seconds = [step() for _ in range(repetitions)]
     return {
