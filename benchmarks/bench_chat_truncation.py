@@ -33,11 +33,10 @@ from harness import command_line, markdown_table, median_time
 
 from hf_shift_loss.data.chat import encode_messages
 from hf_shift_loss.data.load import load_tokenizer
+from hf_shift_loss.recipe import smollm2_gguf_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_chat_truncation.json")
-sys.path.insert(0, os.path.join(ROOT, "recipes"))
-from sft_models import smollm2_gguf_path  # noqa: E402
 
 
 def conversation(exchanges: int) -> list[dict[str, str]]:

@@ -54,7 +54,7 @@ def worker(case: dict, implementation: str, repetitions: int) -> dict:
     import torch
 
     import_loss_modules_only()
-    from hf_shift_loss.fused import fused_linear_cross_entropy
+    from hf_shift_loss.loss import fused_linear_cross_entropy
 
     hidden, weight, labels = loss_inputs(**case, device="cpu")
 

@@ -143,7 +143,7 @@ def make_loss_fn(implementation: str, hidden, weight, labels, trl_chunk_size: in
             return -log_probs.sum() / mask.sum().clamp(min=1)
 
     elif implementation == "ours":
-        from hf_shift_loss.fused import fused_linear_cross_entropy
+        from hf_shift_loss.loss import fused_linear_cross_entropy
 
         def loss_fn() -> torch.Tensor:
             return fused_linear_cross_entropy(hidden, weight, labels)

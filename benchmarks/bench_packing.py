@@ -29,8 +29,7 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 from hf_shift_loss.data import Batcher, Encoder, prepare_dataset, resolve_pad_token_id
 from hf_shift_loss.data.load import load_tokenizer
 from hf_shift_loss.data.pack import pack_rows
-from hf_shift_loss.loss import count_trained_tokens
-from hf_shift_loss.loss_paths import choose_loss_path
+from hf_shift_loss.loss import choose_loss_path, count_trained_tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "recipes"))

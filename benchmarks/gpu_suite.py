@@ -54,8 +54,7 @@ def correctness(device: str, small: bool) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from hf_shift_loss.fused import fused_linear_cross_entropy
-    from hf_shift_loss.loss import causal_lm_loss
+    from hf_shift_loss.loss import causal_lm_loss, fused_linear_cross_entropy
 
     tokens, hidden_size, vocab = SMALL_CORRECTNESS_SHAPE if small else FULL_CORRECTNESS_SHAPE
     hidden32, weight32, labels = loss_inputs(tokens, hidden_size, vocab, 0.5, "float32", device)
