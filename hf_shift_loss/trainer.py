@@ -37,8 +37,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint
 
+from hf_shift_loss.checkpoint import STATE_KEY, check_checkpoint
 from hf_shift_loss.config import ShiftLossArguments
 from hf_shift_loss.data.batch import Batcher, resolve_pad_token_id
 from hf_shift_loss.data.encode import Encoder
@@ -220,8 +221,10 @@ class ShiftLossTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
         """Stock ``Trainer.train``; saves the data summary with the run (``data_summary.json``) and, when
-        resuming, restores the loss metrics saved with the checkpoint, so the resumed run logs exactly
-        what the uninterrupted run logs (``total_trained_tokens``, the per-step window, accuracy)."""
+        resuming, first refuses a checkpoint with a missing or unreadable piece
+        (:func:`hf_shift_loss.checkpoint.check_checkpoint`), then restores the loss metrics saved in it,
+        so the resumed run logs exactly what the uninterrupted run logs (``total_trained_tokens``, the
+        per-step window, accuracy)."""
         if self.is_world_process_zero():  # one summary per job: accelerator.print alone prints once per node
             self.accelerator.print(self.run_summary())
         if self.is_world_process_zero() and self.data_stats:
@@ -233,12 +236,16 @@ class ShiftLossTrainer(Trainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)  # Trainer raises if None
         if resume_from_checkpoint:
-            path = os.path.join(resume_from_checkpoint, _metrics_file(self.args.process_index))
-            if os.path.isfile(path):
-                with open(path, encoding="utf-8") as file:
-                    state = json.load(file)
-                self._loss_metrics = _LossMetrics.from_state(state, self.args.device)
-                self._resumed_window = state["loss_window"]
+            saved = check_checkpoint(
+                resume_from_checkpoint,
+                process_index=self.args.process_index,
+                world_size=self.args.world_size,
+                optimizer_state=not self.args.save_only_model,
+                deepspeed=self.is_deepspeed_enabled,
+            )
+            self._loss_metrics, self._resumed_window = _LossMetrics.from_state(
+                saved, self.args.process_index, self.args.world_size, self.args.device
+            )
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
@@ -253,17 +260,24 @@ class ShiftLossTrainer(Trainer):
             self._total_loss_scalar = -self._resumed_window["loss_sum"]
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        """Stock checkpoint, plus this rank's loss metrics (restored by :meth:`train` on resume)."""
-        super()._save_checkpoint(model, trial)
-        folder = os.path.join(
-            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        """Stock checkpoint, with the loss metrics of every rank inside its ``trainer_state.json``.
+
+        The state is gathered here, on every rank, and the stock save writes it with the trainer state,
+        its last file (:mod:`hf_shift_loss.checkpoint`): a checkpoint is never complete without it.
+        """
+        self.state.stateful_callbacks[STATE_KEY] = self._loss_metrics.state(
+            self.accelerator, self._tr_loss, self._globalstep_last_logged
         )
-        os.makedirs(folder, exist_ok=True)
-        window = {"loss_sum": float(self._tr_loss), "last_logged_step": self._globalstep_last_logged}
-        with open(
-            os.path.join(folder, _metrics_file(self.args.process_index)), "w", encoding="utf-8"
-        ) as file:
-            json.dump(self._loss_metrics.state() | {"loss_window": window}, file)
+        super()._save_checkpoint(model, trial)
+
+    def _load_callback_state(self) -> None:
+        """Stock restore of callbacks' states; the project's own entry is not a callback's (read in :meth:`train`)."""
+        saved = self.state.stateful_callbacks.pop(STATE_KEY, None)
+        try:
+            super()._load_callback_state()
+        finally:
+            if saved is not None:
+                self.state.stateful_callbacks[STATE_KEY] = saved
 
     # ------------------------------------------------------------------ normalization
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
@@ -490,10 +504,6 @@ def _apply_peft(model: nn.Module, peft_config: Any, gradient_checkpointing: bool
         return get_peft_model(model, peft_config)
 
 
-def _metrics_file(process_index: int) -> str:
-    return f"hf_shift_loss_metrics_{process_index}.json"
-
-
 class _LossMetrics:
     """Token counts accumulated on device between log lines (no host sync per step); saved with checkpoints."""
 
@@ -504,26 +514,66 @@ class _LossMetrics:
         self.last_logged_step = 0
         self.data_stats_logged = False
 
-    def state(self) -> dict[str, Any]:
-        """What a checkpoint keeps: the totals, and this rank's window since the last log line."""
+    def state(self, accelerator: Any, loss_window: torch.Tensor, last_logged_step: int) -> dict[str, Any]:
+        """What a checkpoint keeps: the totals, and every rank's window since the last log line.
+
+        ``loss_window``: the stock Trainer's on-device loss sum since the last log line (``_tr_loss``).
+        Every rank must call it (the windows are gathered).
+        """
+        device = loss_window.device
+        counts = [-1 if value is None else value for value in (self.trained_tokens, self.correct_tokens)]
+        counts = torch.stack([torch.as_tensor(value, device=device).long() for value in counts])
+        counts = accelerator.gather(counts.reshape(1, 2)).tolist()
+        losses = accelerator.gather(loss_window.detach().float().reshape(1)).tolist()
         return {
             "total_trained_tokens": self.total_trained_tokens,
             "last_logged_step": self.last_logged_step,
             "data_stats_logged": self.data_stats_logged,
-            "window_trained_tokens": None if self.trained_tokens is None else int(self.trained_tokens),
-            "window_correct_tokens": None if self.correct_tokens is None else int(self.correct_tokens),
+            "stock_last_logged_step": last_logged_step,
+            "ranks": [
+                {
+                    "window_trained_tokens": None if trained < 0 else trained,
+                    "window_correct_tokens": None if correct < 0 else correct,
+                    "loss_sum": loss,
+                }
+                for (trained, correct), loss in zip(counts, losses, strict=True)
+            ],
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], device: torch.device) -> _LossMetrics:
+    def from_state(
+        cls, state: dict[str, Any], process_index: int, world_size: int, device: torch.device
+    ) -> tuple[_LossMetrics, dict[str, Any]]:
+        """This rank's metrics and stock loss window (``loss_sum``, ``last_logged_step``) from :meth:`state`.
+
+        Resumed on another number of ranks, the saved windows are folded: their token counts go to rank
+        0 (the log line sums over ranks) and every rank takes their mean loss (the log line averages).
+        """
         metrics = cls()
         metrics.total_trained_tokens = int(state["total_trained_tokens"])
         metrics.last_logged_step = int(state["last_logged_step"])
         metrics.data_stats_logged = bool(state["data_stats_logged"])
+        ranks = state["ranks"]
+        if len(ranks) == world_size:
+            mine = ranks[process_index]
+        else:
+            logger.warning(
+                "the checkpoint was saved by %d ranks and resumes on %d: the loss window since the last log "
+                "line is folded (its token counts on rank 0, its mean loss on every rank)",
+                len(ranks),
+                world_size,
+            )
+            mine = {"loss_sum": sum(rank["loss_sum"] for rank in ranks) / len(ranks)}
+            for name in ("window_trained_tokens", "window_correct_tokens"):
+                values = [rank[name] for rank in ranks if rank[name] is not None]
+                mine[name] = sum(values) if values and process_index == 0 else None
         for name in ("trained_tokens", "correct_tokens"):
-            value = state[f"window_{name}"]
+            value = mine[f"window_{name}"]
             setattr(metrics, name, None if value is None else torch.tensor(value, device=device))
-        return metrics
+        return metrics, {
+            "loss_sum": mine["loss_sum"],
+            "last_logged_step": int(state["stock_last_logged_step"]),
+        }
 
     def add(self, trained_tokens: torch.Tensor, correct_tokens: torch.Tensor | None) -> None:
         self.trained_tokens = (

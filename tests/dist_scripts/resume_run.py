@@ -55,17 +55,10 @@ class StopAt(TrainerCallback):
             control.should_save = True
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument(
-        "--stop-after", type=int, default=None, help="stop cleanly (and save) after this step"
-    )
-    parser.add_argument("--kill-after", type=int, default=None)
-    parser.add_argument("--resume", action="store_true")
-    options = parser.parse_args()
-    args = ShiftLossArguments(
-        output_dir=options.out,
+def build_trainer(out: str, callbacks: list, **overrides) -> ShiftLossTrainer:
+    """The run of this script: 6 steps of the tiny model, 2 x 2 rows per step, a checkpoint every 3."""
+    options = dict(
+        output_dir=out,
         max_length=12,
         max_steps=6,
         per_device_train_batch_size=2,
@@ -80,24 +73,41 @@ def main() -> None:
         disable_tqdm=True,
         seed=0,
     )
-    callbacks = [KillAfter(options.kill_after)] if options.kill_after else []
-    callbacks += [StopAt(options.stop_after)] if options.stop_after else []
-    trainer = ShiftLossTrainer(
+    return ShiftLossTrainer(
         model=tiny_llama(),
-        args=args,
+        args=ShiftLossArguments(**(options | overrides)),
         train_dataset=Dataset.from_list(ROWS),
         processing_class=word_tokenizer(),
         callbacks=callbacks,
     )
-    trainer.train(resume_from_checkpoint=True if options.resume else None)
+
+
+def result(trainer: ShiftLossTrainer) -> dict:
+    """What two runs must share to be the same run: every log line and every parameter."""
     parameters = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
     history = [
         # Timings differ; the closing train_loss of a resumed call averages that call's steps (stock Trainer).
         {k: v for k, v in entry.items() if not k.endswith(("runtime", "per_second")) and k != "train_loss"}
         for entry in trainer.state.log_history
     ]
+    return {"history": history, "parameters": parameters.tolist()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--stop-after", type=int, default=None, help="stop cleanly (and save) after this step"
+    )
+    parser.add_argument("--kill-after", type=int, default=None)
+    parser.add_argument("--resume", action="store_true")
+    options = parser.parse_args()
+    callbacks = [KillAfter(options.kill_after)] if options.kill_after else []
+    callbacks += [StopAt(options.stop_after)] if options.stop_after else []
+    trainer = build_trainer(options.out, callbacks)
+    trainer.train(resume_from_checkpoint=True if options.resume else None)
     with open(os.path.join(options.out, "result.json"), "w", encoding="utf-8") as file:
-        json.dump({"history": history, "parameters": parameters.tolist()}, file)
+        json.dump(result(trainer), file)
 
 
 if __name__ == "__main__":
