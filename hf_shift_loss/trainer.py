@@ -29,7 +29,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import datasets
@@ -148,6 +148,7 @@ class ShiftLossTrainer(Trainer):
         self._loss_metrics = _LossMetrics()
         self._eval_sums: list[torch.Tensor] | None = None
         self._loss_paths: dict[int, EagerLoss | FusedLoss] = {}
+        self._normalization_problem: str | None = None  # why training steps cannot be counted, once known
         # A padding-free batcher pads evaluation batches: decided once, here.
         collator = self.data_collator
         self._eval_collator = (
@@ -208,12 +209,15 @@ class ShiftLossTrainer(Trainer):
             data = [
                 "trained, packing: as the given data_collator makes the batches (datasets not prepared here)"
             ]
-        lines = [
-            f"loss: {loss}",
-            *data,
+        normalization = (
             f"normalization: sum of CE over the trained tokens of each optimizer step "
-            f"({args.gradient_accumulation_steps} micro-batch(es) x {ranks} rank(s)) / their number",
-        ]
+            f"({args.gradient_accumulation_steps} micro-batch(es) x {ranks} rank(s)) / their number"
+        )
+        if self._normalization_problem is not None:
+            normalization = f"normalization: NOT exact {self._normalization_problem}"
+        elif not self.data_stats:
+            normalization += ", counted from the labels of each batch the data_collator returns"
+        lines = [f"loss: {loss}", *data, normalization]
         for name, stats in self.data_stats.items():
             counts = stats.summary() if stats is not None else "streamed: counted as rows are read"
             lines.append(f"{name} set ({self._data_formats[name]}): {counts}")
@@ -284,15 +288,45 @@ class ShiftLossTrainer(Trainer):
         """Trained tokens of one optimizer step: every micro-batch, and every rank when averaging.
 
         Counted after the shift (the first label of a row is never a target), or on ``shift_labels``
-        when the collator provides pre-shifted targets.
+        when the collator provides pre-shifted targets, in any mapping a collator returns (a ``dict``,
+        ``transformers.BatchEncoding``, ...). A step whose batches cannot be counted (on any rank) is
+        said once, and the run summary stops claiming exact normalization (:meth:`_uncounted`).
         """
-        batches = [batch for batch in batch_samples if isinstance(batch, dict)]
-        if not batches or not all(any(key in batch for key in _TARGET_KEYS) for batch in batches):
-            return None
-        trained_tokens = sum(_count_batch_trained_tokens(batch).to(device) for batch in batches)
+        counts, problem = [], None
+        for batch in batch_samples:
+            if not isinstance(batch, Mapping) or not any(key in batch for key in _TARGET_KEYS):
+                keys = sorted(batch) if isinstance(batch, Mapping) else "none: not a mapping"
+                problem = (
+                    f"a micro-batch of type {type(batch).__name__} (keys: {keys}) has no labels to count"
+                )
+                break
+            counts.append(_count_batch_trained_tokens(batch).to(device))
+        if not batch_samples:
+            problem = "the step has no micro-batch"
+        trained_tokens = sum(counts) if problem is None else torch.tensor(-1, device=device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
-            trained_tokens = self.accelerator.gather(trained_tokens.reshape(1)).sum()
+            # Every rank gathers, countable or not (a rank that skipped the gather would hang the others).
+            gathered = self.accelerator.gather(torch.as_tensor(trained_tokens, device=device).reshape(1))
+            if problem is None and bool((gathered < 0).any()):
+                problem = "another rank's micro-batches cannot be counted (see its warning)"
+            trained_tokens = gathered.sum()
+        if problem is not None:
+            self._uncounted(problem)
+            return None
         return trained_tokens
+
+    def _uncounted(self, problem: str) -> None:
+        """Say once that training steps are no longer normalized exactly, and why (run summary + warning)."""
+        if not self.model.training or self._normalization_problem is not None:
+            return  # evaluation sums its rows itself; a training problem is said once
+        self._normalization_problem = f"from step {self.state.global_step + 1}, {problem}"
+        logger.warning(
+            "normalization is not exact %s; such a step's loss is the mean of its micro-batches' token means. "
+            "Return a mapping (dict or BatchEncoding) with 'labels' or 'shift_labels' from the data_collator",
+            self._normalization_problem,
+        )
+        if self.is_world_process_zero():
+            print(self.run_summary())
 
     def _data_parallel_scale(self) -> int:
         """Factor that undoes the data-parallel gradient mean when the loss uses the global count."""
@@ -460,7 +494,7 @@ class ShiftLossTrainer(Trainer):
         return output
 
 
-def _targets(batch: dict[str, Any]) -> tuple[torch.Tensor, bool]:
+def _targets(batch: Mapping[str, Any]) -> tuple[torch.Tensor, bool]:
     """``(targets, shift)``: pre-shifted ``shift_labels`` as they are, else ``labels`` to be shifted."""
     if "shift_labels" in batch:
         return batch["shift_labels"], False
@@ -472,7 +506,7 @@ def _targets(batch: dict[str, Any]) -> tuple[torch.Tensor, bool]:
     )
 
 
-def _count_batch_trained_tokens(batch: dict[str, Any]) -> torch.Tensor:
+def _count_batch_trained_tokens(batch: Mapping[str, Any]) -> torch.Tensor:
     targets, shift = _targets(batch)
     return count_trained_tokens(targets, shift=shift)
 

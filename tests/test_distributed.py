@@ -89,7 +89,9 @@ def _run_single(out: str, loss_impl: str = "eager") -> dict:
     return _run(command + ["--loss-impl", loss_impl], out)
 
 
-def _run_two_ranks(out: str, average_tokens_across_devices: bool, loss_impl: str = "eager") -> dict:
+def _run_two_ranks(
+    out: str, average_tokens_across_devices: bool, loss_impl: str = "eager", *options: str
+) -> dict:
     command = [
         *(sys.executable, "-m", "accelerate.commands.launch"),
         *("--multi_gpu", "--num_processes", "2", "--num_machines", "1"),
@@ -99,6 +101,7 @@ def _run_two_ranks(out: str, average_tokens_across_devices: bool, loss_impl: str
         *("--out", out, "--per-device-batch", "2", "--accumulation", "2"),
         *("--average-tokens-across-devices", str(int(average_tokens_across_devices))),
         *("--loss-impl", loss_impl),
+        *options,
     ]
     return _run(command, out)
 
@@ -141,6 +144,13 @@ def test_two_ranks_with_accumulation_match_one_process(reference, two_ranks):
     assert _max_relative_difference(two_ranks["update"], reference["update"]) < 1e-4
     # The logged loss is the token mean over every trained token of the step, on every rank.
     assert two_ranks["logged_loss"] == pytest.approx(reference["reference_token_mean"], rel=1e-5)
+
+
+def test_two_ranks_with_batch_encoding_batches_match_one_process(reference, tmp_path):
+    """transformers' collators return a BatchEncoding (not a dict): counted across ranks all the same."""
+    ranks = _run_two_ranks(str(tmp_path), True, "eager", "--batch-encoding")
+    assert ranks["logged_loss"] == pytest.approx(reference["reference_token_mean"], rel=1e-5)
+    assert _max_relative_difference(ranks["update"], reference["update"]) < 1e-4
 
 
 def test_without_token_averaging_the_update_differs(reference, tmp_path):

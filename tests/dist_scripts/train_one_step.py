@@ -29,7 +29,7 @@ import sys
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from transformers import LlamaForCausalLM
+from transformers import BatchEncoding, LlamaForCausalLM
 
 from hf_shift_loss.trainer import ShiftLossArguments, ShiftLossTrainer
 
@@ -57,8 +57,9 @@ def make_examples() -> list[dict]:
 class RecordingCollator:
     """Right-pads a batch ([batch, seq] tensors) and records which examples it held."""
 
-    def __init__(self) -> None:
+    def __init__(self, batch_encoding: bool = False) -> None:
         self.batches: list[list[int]] = []
+        self.batch_encoding = batch_encoding  # return a transformers.BatchEncoding (not a dict), as theirs do
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         self.batches.append([int(example["idx"]) for example in examples])
@@ -71,7 +72,8 @@ class RecordingCollator:
             input_ids[row, :length] = torch.tensor(example["input_ids"])
             attention_mask[row, :length] = 1
             labels[row, :length] = torch.tensor(example["labels"])
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return BatchEncoding(batch) if self.batch_encoding else batch
 
 
 @torch.no_grad()
@@ -98,6 +100,7 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=1.0)
     parser.add_argument("--loss-impl", choices=["eager", "fused"], default="eager")
     parser.add_argument("--tie", action="store_true", help="tie the lm_head to the input embeddings")
+    parser.add_argument("--batch-encoding", action="store_true", help="the collator returns BatchEncoding")
     options = parser.parse_args()
     os.makedirs(options.out, exist_ok=True)
 
@@ -128,7 +131,7 @@ def main() -> None:
         seed=0,
         loss_impl=options.loss_impl,
     )
-    collator = RecordingCollator()
+    collator = RecordingCollator(options.batch_encoding)
     trainer = ShiftLossTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(examples), data_collator=collator
     )
