@@ -66,7 +66,7 @@ def test_an_input_id_beyond_the_embedding_is_reported_once_at_preparation(tmp_pa
             train_dataset=Dataset.from_list(rows),
             processing_class=word_tokenizer(),
         )
-    with pytest.raises(ValueError, match=r"row 0, position 1: input id -3 is outside"):
+    with pytest.raises(ValueError, match=r"row 0, column 'input_ids', position 1: input id -3 is negative"):
         prepare_dataset(Dataset.from_list([{"input_ids": [1, -3]}]), Encoder(word_tokenizer()), vocab_size=64)
     streamed = prepare_dataset(
         Dataset.from_list(rows).to_iterable_dataset(), Encoder(word_tokenizer()), vocab_size=64

@@ -26,15 +26,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from hf_shift_loss.constants import IGNORE_INDEX
 from hf_shift_loss.data.chat import DEFAULT_END_OF_TURN, DEFAULT_TRAIN_ROLES, encode_messages
+from hf_shift_loss.data.validate import token_id_list
 from hf_shift_loss.options import TRAIN_ON, EndOfTurnMode, TrainOn, check_choice, check_max_length
 
-__all__ = ["FORMATS", "Encoder", "detect_format", "trained_targets"]
+__all__ = ["FORMATS", "FORMAT_KEYS", "Encoder", "detect_format", "trained_targets"]
 
-FORMATS = ("tokenized", "messages", "prompt_completion", "text")
+# The fields that make a row of each format, in the order a row's format is decided (a row with
+# input_ids is pre-tokenized whatever else it has; Encoder.__call__ decides in the same order).
+FORMAT_KEYS = {
+    "tokenized": ("input_ids",),
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+FORMATS = tuple(FORMAT_KEYS)
 _FORMAT_HELP = (
     "'text'; 'prompt' and 'completion' (strings, or lists of messages); 'messages'; or 'input_ids' "
     "(with optional 'labels')"
@@ -49,24 +56,15 @@ def detect_format(columns: Sequence[str]) -> str:
         'prompt_completion'
     """
     names = set(columns)
-    if "input_ids" in names:
-        return "tokenized"
-    if "messages" in names:
-        return "messages"
-    if {"prompt", "completion"} <= names:
-        return "prompt_completion"
-    if "text" in names:
-        return "text"
+    for data_format, keys in FORMAT_KEYS.items():
+        if names.issuperset(keys):
+            return data_format
     raise ValueError(f"the dataset's columns {sorted(names)} fit no known format; expected {_FORMAT_HELP}")
 
 
 def trained_targets(labels: Sequence[int]) -> int:
     """Trained targets after the shift: the first label of a sequence is never a target."""
     return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
-
-
-def _as_int_list(values: Any) -> list[int]:
-    return [int(value) for value in (values.tolist() if torch.is_tensor(values) else values)]
 
 
 @dataclass
@@ -237,9 +235,9 @@ class Encoder:
         )
 
     def _tokenized(self, example: Mapping[str, Any], where: str) -> dict[str, Any]:
-        ids = _as_int_list(example["input_ids"])
+        ids = token_id_list(example["input_ids"], "input_ids", where)
         labels = example.get("labels")
-        labels = list(ids) if labels is None else _as_int_list(labels)
+        labels = list(ids) if labels is None else token_id_list(labels, "labels", where)
         if len(labels) != len(ids):
             raise ValueError(
                 f"{where}: 'labels' has {len(labels)} entries but 'input_ids' has {len(ids)}; labels must be "

@@ -19,12 +19,13 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 from datasets.fingerprint import Hasher
 
-from hf_shift_loss.constants import IGNORE_INDEX
-from hf_shift_loss.data.encode import Encoder, detect_format
+from hf_shift_loss.data.encode import FORMAT_KEYS, Encoder, detect_format
 from hf_shift_loss.data.pack import pack_rows
 from hf_shift_loss.data.stats import COUNT_COLUMNS, DataStats
+from hf_shift_loss.data.validate import CHECK_BATCH_ROWS, check_row_vocabulary, check_vocabulary
 from hf_shift_loss.options import (
     ON_UNTRAINED,
     PACKING_OVERFLOWS,
@@ -54,10 +55,21 @@ class PreparedDataset:
     format: str
 
 
-def _columns(dataset: datasets.Dataset | datasets.IterableDataset) -> list[str]:
+def _columns(dataset: datasets.Dataset | datasets.IterableDataset, name: str = "train") -> list[str]:
     if dataset.column_names is not None:
         return list(dataset.column_names)
-    return list(next(iter(dataset)).keys())  # a streamed dataset whose features are unknown
+    first = next(iter(dataset), None)  # a streamed dataset whose features are unknown
+    if first is None:
+        raise _empty(name)
+    return list(first.keys())
+
+
+def _empty(name: str) -> ValueError:
+    return ValueError(
+        f"the {name} set is empty (0 rows), so there is nothing to "
+        f"{'train on' if name == 'train' else 'evaluate'}; check the data file or the split and filters "
+        "that made it, or leave the set out"
+    )
 
 
 def prepare_dataset(
@@ -96,12 +108,16 @@ def prepare_dataset(
     check_packing(packing, max_length)
     if packing:
         check_choice("packing_overflow", packing_overflow, PACKING_OVERFLOWS)
-    columns = _columns(dataset)
+    streamed = isinstance(dataset, datasets.IterableDataset)
+    if not streamed and len(dataset) == 0:
+        raise _empty(name)
+    columns = _columns(dataset, name)
     data_format = detect_format(columns)
+    if not streamed:
+        data_format = _rows_format(dataset, name) or data_format
     if packing and packing_overflow == "split":
         # Long rows reach the packer whole; it splits them instead of the encoder cutting them.
         encoder = replace(encoder, max_length=None)
-    streamed = isinstance(dataset, datasets.IterableDataset)
     map_options: dict[str, Any] = {}
     if not streamed:
         # datasets fingerprints a function by pickling it, which names the Encoder class but not its
@@ -115,6 +131,14 @@ def prepare_dataset(
     encoded = dataset.map(encoder, with_indices=True, remove_columns=columns, **map_options)
 
     stats = None if streamed else _count(encoded, name, on_untrained, vocab_size)
+    if stats is not None and not stats.kept_examples:
+        raise ValueError(
+            f"the {name} set has no row left to train: all {stats.examples} rows were dropped because none has "
+            f"a trained token after masking and truncation ({stats.truncated_examples} of them were truncated "
+            f"to max_length={encoder.max_length}; train_on={encoder.train_on!r}, train_roles="
+            f"{list(encoder.train_roles)}); raise max_length, check which part of the rows is trained "
+            "(hf-shift-loss inspect shows it), or fix the data"
+        )
     if streamed:
         encoded = encoded.filter(_StreamedRowFilter(name, on_untrained, vocab_size), with_indices=True)
     elif stats.untrained_examples:
@@ -146,23 +170,11 @@ def prepare_dataset(
     return PreparedDataset(dataset=encoded, stats=stats, format=data_format)
 
 
-def check_token_ids(input_ids: list[int], labels: list[int], vocab_size: int, where: str) -> None:
-    """Raise ``ValueError`` naming the first id outside ``[0, vocab_size)`` (labels: other than -100)."""
-    for column, values in (("input id", input_ids), ("label", labels)):
-        for position, value in enumerate(values):
-            if (value < 0 or value >= vocab_size) and not (column == "label" and value == IGNORE_INDEX):
-                raise ValueError(
-                    f"{where}, position {position}: {column} {value} is outside the model's embedding of "
-                    f"{vocab_size} rows; the tokenizer does not match the model (after adding tokens, call "
-                    "model.resize_token_embeddings(len(tokenizer)))"
-                )
-
-
 @functools.cache
 def _code_version() -> str:
     """A hash of the data path's source code (the modules whose output the datasets cache keeps)."""
     digest = hashlib.sha256()
-    for module in sorted(("encode", "chat", "pack", "stats", "prepare")):
+    for module in sorted(("encode", "chat", "pack", "stats", "prepare", "validate")):
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{module}.py")
         with open(path, "rb") as file:
             digest.update(file.read())
@@ -175,16 +187,15 @@ def _count(
     """Exact statistics of an encoded map-style dataset, in one pass over its rows.
 
     The counting rules are :meth:`DataStats.add_example`'s, the same the collator and the inspector use;
-    this pass also checks the ids against the embedding and names the rows it drops or warns about.
+    the ids are checked against the embedding first (:func:`check_vocabulary`, in arrow batches); this
+    pass names the rows it drops or warns about.
     """
     stats = DataStats()
     untrained_rows: list[int] = []
     blank_rows: list[int] = []
+    if vocab_size is not None:
+        check_vocabulary(encoded, vocab_size, name)
     for row, example in enumerate(encoded.select_columns([*COUNT_COLUMNS, "input_ids", "labels"])):
-        if vocab_size is not None and example["input_ids"]:
-            ids, labels = example["input_ids"], example["labels"]
-            if max(ids) >= vocab_size or min(ids) < 0 or max(labels) >= vocab_size:
-                check_token_ids(ids, labels, vocab_size, f"{name} set, row {row}")
         stats.add_example(example)
         if example["trained_tokens"] == 0:
             untrained_rows.append(row)
@@ -214,6 +225,42 @@ def _count(
     return stats
 
 
+def _rows_format(dataset: datasets.Dataset, name: str) -> str | None:
+    """The one format of a map-style dataset's rows; a ValueError naming the formats and rows if several.
+
+    None when the columns fit one format only (nothing to decide row by row).
+
+    A row's format is the first of :data:`FORMAT_KEYS` whose fields it sets (not None), as the Encoder
+    reads it; rows that set none are left to the Encoder's error. Decided from the columns' null masks,
+    in arrow batches.
+    """
+    formats = {fmt: keys for fmt, keys in FORMAT_KEYS.items() if set(keys) <= set(dataset.column_names)}
+    if len(formats) < 2:
+        return None
+    columns = sorted({key for keys in formats.values() for key in keys})
+    rows: dict[str, list[int]] = {fmt: [] for fmt in formats}
+    first_row = 0
+    for batch in dataset.select_columns(columns).with_format("arrow").iter(batch_size=CHECK_BATCH_ROWS):
+        valid = {column: np.asarray(pc.is_valid(batch.column(column))) for column in columns}
+        undecided = np.ones(batch.num_rows, dtype=bool)
+        for fmt, keys in formats.items():
+            mine = np.logical_and.reduce([valid[key] for key in keys]) & undecided
+            undecided &= ~mine
+            rows[fmt].extend((first_row + np.flatnonzero(mine)).tolist())
+        first_row += batch.num_rows
+    present = [fmt for fmt in formats if rows[fmt]]
+    if len(present) > 1:
+        described = "; ".join(
+            f"'{fmt}': {len(rows[fmt])} rows ({_rows_shown(rows[fmt], 5)})" for fmt in present
+        )
+        raise ValueError(
+            f"the {name} set mixes formats, {described}; one dataset holds one format (one rule for what "
+            "is trained and counted): convert the rows to one format first (a text row as "
+            "{'prompt': '', 'completion': text} trains all of it), or train the formats as separate datasets"
+        )
+    return present[0] if present else None
+
+
 def _rows_shown(rows: list[int], limit: int = 10) -> str:
     return ", ".join(map(str, rows[:limit])) + (", ..." if len(rows) > limit else "")
 
@@ -230,7 +277,7 @@ class _StreamedRowFilter:
 
     def __call__(self, row: dict[str, Any], index: int) -> bool:
         if self.vocab_size is not None:
-            check_token_ids(row["input_ids"], row["labels"], self.vocab_size, f"{self.name} set, row {index}")
+            check_row_vocabulary(row, self.vocab_size, f"{self.name} set, row {index}")
         if row["trained_tokens"] > 0:
             return True
         message = f"{self.name} set, row {index}: no trained token after masking and truncation"
