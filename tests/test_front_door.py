@@ -179,10 +179,18 @@ def test_a_given_data_collator_wins(tmp_path):
     assert calls == [2]
 
 
+# One format per dataset (mixed formats are refused): pre-tokenized rows, each trained at its start and
+# untrained in the tail that max_length=8 cuts (so no answer is cut), and one with nothing trained.
 ROWS_WITH_CUTS = [
-    {"prompt": "where is the capital of China", "completion": "The capital is Beijing"},  # 12 tokens: 4 cut
-    {"prompt": "who wrote this book", "completion": "I do not know"},  # 10: 2 cut
-    {"prompt": "a", "completion": "yes"},  # 4: kept whole
+    {
+        "input_ids": [1, 5, 6, 7, 8, 9, 10, 11, 8, 6, 12, 2],
+        "labels": [-100, 5, 6, 7, 8, 9, 10, 11] + [-100] * 4,
+    },
+    {
+        "input_ids": [1, 24, 25, 26, 27, 32, 33, 34, 35, 2],
+        "labels": [-100, 24, 25, 26, 27, 32, 33, 34, -100, -100],
+    },
+    {"input_ids": [1, 16, 36, 2], "labels": [-100, 16, 36, 2]},  # 4: kept whole
     {"input_ids": [1, 5, 6, 7, 8], "labels": [-100, -100, -100, -100, -100]},  # no trained token: dropped
 ] * 3
 
@@ -200,9 +208,8 @@ def _counts_logged(tmp_path, rows, workers: int, max_length: int) -> tuple[dict,
         use_cpu=True,
         disable_tqdm=True,
     )
-    frame = [{"input_ids": None, "labels": None, "prompt": None, "completion": None} | row for row in rows]
     trainer = ShiftLossTrainer(
-        model=tiny_llama(), args=args, train_dataset=Dataset.from_list(frame), processing_class=tokenizer
+        model=tiny_llama(), args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
     )
     trainer.train()
     logged = next(entry for entry in trainer.state.log_history if "data/truncated_tokens" in entry)
