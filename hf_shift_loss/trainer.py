@@ -345,6 +345,7 @@ class ShiftLossTrainer(Trainer):
                 z_loss=self.args.z_loss,
                 chunk_size=self.args.fused_chunk_size,
                 fsdp_version=self._fsdp_version(),
+                zero3=self._zero3_config(),
                 sync_free=self.args.torch_compile
                 if self.args.fused_sync_free is None
                 else self.args.fused_sync_free,
@@ -356,6 +357,14 @@ class ShiftLossTrainer(Trainer):
             return None
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
         return int(getattr(plugin, "fsdp_version", 1) or 1)
+
+    def _zero3_config(self) -> dict | None:
+        """DeepSpeed's ``zero_optimization`` section when ZeRO stage 3 runs, else None."""
+        plugin = (
+            getattr(self.accelerator.state, "deepspeed_plugin", None) if self.is_deepspeed_enabled else None
+        )
+        zero = (plugin.deepspeed_config if plugin is not None else {}).get("zero_optimization", {})
+        return zero if zero.get("stage") == 3 else None
 
     # ------------------------------------------------------------------ batches
     def get_eval_dataloader(self, eval_dataset: str | Dataset | None = None) -> DataLoader:

@@ -19,8 +19,9 @@ Falcon-H1's ``lm_head_multiplier``, ...). A scale attribute on a model type not 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +29,7 @@ from torch import nn
 __all__ = [
     "OutputHead",
     "UnsupportedOutputHead",
+    "call_as_lm_head",
     "get_output_head",
     "lm_head_returns_hidden_states",
 ]
@@ -216,6 +218,30 @@ class HiddenStates:
 
 
 @contextlib.contextmanager
+def _forward_replaced(
+    module: nn.Module, forward: Callable[..., Any], *, device_hooks: bool = False
+) -> Iterator[None]:
+    """Inside this block ``module(...)`` runs ``forward`` instead of its own forward.
+
+    ``module.__call__`` still runs the module's hooks around it (DeepSpeed ZeRO-3 gathers the module's
+    parameters in them). accelerate's device hook (``device_map``) lives in the instance's forward: it is
+    bypassed, or with ``device_hooks`` kept around ``forward`` (it moves the inputs to the module's device
+    and loads an offloaded weight first). Whatever was there is restored.
+    """
+    hooked = device_hooks and hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__
+    attribute = "_old_forward" if hooked else "forward"  # an instance attribute shadows the class's forward
+    previous_forward = module.__dict__.get(attribute)
+    setattr(module, attribute, forward)
+    try:
+        yield
+    finally:
+        if previous_forward is None:
+            delattr(module, attribute)
+        else:
+            setattr(module, attribute, previous_forward)
+
+
+@contextlib.contextmanager
 def lm_head_returns_hidden_states(head: OutputHead) -> Iterator[HiddenStates]:
     """Inside this block the model's lm_head records its input and returns it: no logits are computed.
 
@@ -224,16 +250,29 @@ def lm_head_returns_hidden_states(head: OutputHead) -> Iterator[HiddenStates]:
     The hidden states ``[batch, seq, hidden]`` are taken where the lm_head gets them, before any scale or
     soft-cap the model applies to its logits.
     """
-    linear = head.lm_head
-    # An instance attribute shadows nn.Linear.forward for this module only. accelerate's device hooks
-    # (device_map="auto") also live in the instance's forward: keep and restore whatever is there.
-    previous_forward = linear.__dict__.get("forward")
     recorded = HiddenStates()
-    linear.forward = recorded
-    try:
+    with _forward_replaced(head.lm_head, recorded):
         yield recorded
-    finally:
-        if previous_forward is None:
-            del linear.forward
-        else:
-            linear.forward = previous_forward
+
+
+def call_as_lm_head(head: OutputHead, function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` run as the forward of a call of the lm_head module itself.
+
+    The module's hooks run around it, as around the model's own call of its head: under DeepSpeed ZeRO-3
+    they gather the partitioned weight for the forward and register the backward hooks that gather it
+    again when its gradient arrives (outside such a call, ``head.weight`` is a 0-element placeholder);
+    with a ``device_map``, accelerate's hook moves ``args`` to the head's device and loads an offloaded
+    weight (outside, it is on the ``meta`` device). :class:`hf_shift_loss.loss.paths.FusedLoss` runs the
+    fused loss this way.
+
+    Examples:
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16,
+        ...     num_hidden_layers=1, num_attention_heads=2))
+        >>> head = get_output_head(model)
+        >>> call_as_lm_head(head, lambda hidden: hidden @ head.weight.T, torch.ones(3, 8)).shape
+        torch.Size([3, 16])
+    """
+    with _forward_replaced(head.lm_head, function, device_hooks=True):
+        return head.lm_head(*args)

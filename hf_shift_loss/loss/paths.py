@@ -16,6 +16,7 @@ without its labels. The trainer, the tests and docs/fused-loss.md all run the lo
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -27,6 +28,7 @@ from hf_shift_loss.loss.fused import fused_linear_cross_entropy
 from hf_shift_loss.loss.heads import (
     OutputHead,
     UnsupportedOutputHead,
+    call_as_lm_head,
     get_output_head,
     lm_head_returns_hidden_states,
 )
@@ -140,21 +142,29 @@ class FusedLoss(_LossPath):
         # forward; only the [batch, seq, vocab] logits are skipped.
         with lm_head_returns_hidden_states(self.head) as recorded:
             outputs = model(**model_inputs)
-        weight, bias = _unsharded(self.head.weight), _unsharded(self.head.bias)
-        result = fused_linear_cross_entropy(
-            recorded.hidden.to(weight.device),  # model parallel: the head may sit on another device
-            weight,
-            labels,
-            bias=bias,
-            logit_scale=self.head.logit_scale,
-            logit_softcap=self.head.logit_softcap,
-            label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss,
-            chunk_size=self.chunk_size,
-            return_correct=count_correct,  # the argmax per chunk only when the accuracy is logged
-            sync_free=self.sync_free,
-            **options,
-        )
+
+        def fused_head_and_loss(hidden: torch.Tensor) -> Any:
+            weight, bias = _unsharded(self.head.weight), _unsharded(self.head.bias)
+            return fused_linear_cross_entropy(
+                hidden.to(weight.device),  # model parallel without accelerate's hook on the head
+                weight,
+                labels,
+                bias=bias,
+                logit_scale=self.head.logit_scale,
+                logit_softcap=self.head.logit_softcap,
+                label_smoothing=self.label_smoothing,
+                z_loss=self.z_loss,
+                chunk_size=self.chunk_size,
+                return_correct=count_correct,  # the argmax per chunk only when the accuracy is logged
+                sync_free=self.sync_free,
+                **options,
+            )
+
+        # Inside a call of the lm_head module: DeepSpeed ZeRO-3's hooks gather its weight for this forward
+        # and again for the backward (after the model's forward it is a 0-element placeholder), and
+        # accelerate's device_map hook moves the hidden states to the head's device (loading an offloaded
+        # weight).
+        result = call_as_lm_head(self.head, fused_head_and_loss, recorded.hidden)
         loss, correct = result if count_correct else (result, None)
         if isinstance(outputs, dict):  # its "logits" are hidden states: hand them on without
             outputs = type(outputs)(**{key: value for key, value in outputs.items() if key != "logits"})
@@ -179,6 +189,32 @@ def _unsharded(parameter: torch.Tensor | None) -> torch.Tensor | None:
     return parameter.full_tensor(grad_placements=[Partial("avg")] * parameter.device_mesh.ndim)
 
 
+def _zero3_refusal(model: nn.Module, head: OutputHead, zero_optimization: Mapping[str, Any]) -> str | None:
+    """Why ZeRO-3 would not gather the lm_head weight in a call of the lm_head module itself; None if it does.
+
+    ZeRO-3 gathers a "leaf" module's parameters, those of its submodules included, only around the leaf's
+    own forward and registers no hooks on the submodules: an lm_head inside a leaf is a placeholder when
+    the loss calls it. Leaves come from ``stage3_module_granularity_threshold`` (chosen by DeepSpeed when
+    the engine starts, after the loss path is chosen, so any threshold refuses) or from
+    ``deepspeed.utils.set_z3_leaf_modules`` on the model before training.
+    """
+    threshold = zero_optimization.get("stage3_module_granularity_threshold") or 0
+    if threshold != "auto" and int(threshold) > 0:
+        return (
+            f"DeepSpeed ZeRO-3 with stage3_module_granularity_threshold={threshold} may make the lm_head's "
+            "parent a leaf module, which gathers the lm_head weight only inside its own forward (set it to 0 "
+            "for the fused loss)"
+        )
+    for name, module in model.named_modules():
+        if module is not head.lm_head and getattr(module, "_z3_leaf", False):
+            if any(submodule is head.lm_head for submodule in module.modules()):
+                return (
+                    f"{name or type(model).__name__} is a DeepSpeed ZeRO-3 leaf module (set_z3_leaf_modules), "
+                    "which gathers the lm_head weight only inside its own forward"
+                )
+    return None
+
+
 def choose_loss_path(
     model: nn.Module,
     loss_impl: LossImpl = "auto",
@@ -187,6 +223,7 @@ def choose_loss_path(
     z_loss: float = 0.0,
     chunk_size: int | None = None,
     fsdp_version: int | None = None,
+    zero3: Mapping[str, Any] | None = None,
     sync_free: bool = False,
 ) -> EagerLoss | FusedLoss:
     """The loss path for ``model`` (unwrapped from DDP/accelerate; peft models as they are).
@@ -195,7 +232,10 @@ def choose_loss_path(
     plain linear head (:func:`hf_shift_loss.heads.get_output_head`); otherwise they fall back to eager,
     with the reason in ``EagerLoss.reason`` and one warning. Under FSDP2 (``fsdp_version=2``) the fused
     loss gathers the sharded lm_head weight itself (:func:`_unsharded`); FSDP1's flat parameters hide
-    the weight, so ``fsdp_version=1`` falls back to eager.
+    the weight, so ``fsdp_version=1`` falls back to eager. Under DeepSpeed ZeRO-3 (``zero3``: its
+    ``zero_optimization`` section) the fused loss runs inside a call of the lm_head module, whose hooks
+    gather the partitioned weight (:func:`hf_shift_loss.loss.heads.call_as_lm_head`); where a ZeRO-3
+    feature gathers it only inside another module's forward, it falls back to eager (:func:`_zero3_refusal`).
 
     Examples:
         A tiny Llama: the fused path's loss is the model's own (which computes the full logits):
@@ -236,7 +276,10 @@ def choose_loss_path(
         reason = "FSDP1 flattens the lm_head weight into its flat parameter (use fsdp_version: 2)"
     else:
         try:
-            return FusedLoss(get_output_head(model), chunk_size=chunk_size, sync_free=sync_free, **options)
+            head = get_output_head(model)
+            reason = _zero3_refusal(model, head, zero3) if zero3 is not None else None
+            if reason is None:
+                return FusedLoss(head, chunk_size=chunk_size, sync_free=sync_free, **options)
         except UnsupportedOutputHead as error:
             reason = str(error)
     logger.warning("loss_impl=%r: using the eager loss (full logits) because %s.", loss_impl, reason)
