@@ -206,6 +206,67 @@ def recipe_step(device: str, small: bool) -> dict:
     return result
 
 
+def model_parallel(device: str) -> dict:
+    """A model split over devices by ``device_map``, eager and fused loss: the same loss and backbone
+    gradients as the model in one piece (relative error < 1e-5 and < 1e-4).
+
+    On CUDA the backbone sits on cuda:0 and the lm_head on cuda:1 with two GPUs, else on the CPU: the
+    hidden states, the labels and the gradients cross real devices, which no CPU test can show. On CPU
+    (the smoke run) the head is offloaded to disk instead: tests/test_model_parallel.py's check.
+    """
+    import copy
+
+    import torch
+    from accelerate import dispatch_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_shift_loss.loss_paths import choose_loss_path
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+    )
+    whole = LlamaForCausalLM(config).to(device)
+    if device == "cuda":
+        device_map = {"model": 0, "lm_head": 1 if torch.cuda.device_count() > 1 else "cpu"}
+    else:
+        device_map = {"model": "cpu", "lm_head": "disk"}
+    input_ids = torch.randint(3, 1000, (4, 64), device=device)
+    labels = input_ids.clone()
+    labels[:, :20] = -100
+
+    def loss_and_grads(model, loss_impl: str) -> tuple[torch.Tensor, dict]:
+        path = choose_loss_path(model, loss_impl)
+        assert path.name == loss_impl, path
+        loss = path(
+            model, {"input_ids": input_ids}, labels, shift=True, reduction="mean",
+            num_items_in_batch=None, count_correct=False,
+        ).loss  # fmt: skip
+        loss.backward()
+        parameters = model.named_parameters()
+        return loss.detach().cpu(), {n: p.grad.cpu() for n, p in parameters if n.startswith("model.")}
+
+    expected_loss, expected_grads = loss_and_grads(whole, "eager")
+    result = {"device_map": {name: str(where) for name, where in device_map.items()}}
+    with tempfile.TemporaryDirectory(prefix="gpu_suite_offload_") as offload_dir:
+        for loss_impl in ("eager", "fused"):
+            split = dispatch_model(copy.deepcopy(whole), device_map=device_map, offload_dir=offload_dir)
+            loss, grads = loss_and_grads(split, loss_impl)
+            grad_error = max(
+                float((grads[name] - grad).norm() / grad.norm().clamp(min=1e-12))
+                for name, grad in expected_grads.items()
+            )
+            result[loss_impl] = {
+                "loss_error": float((loss - expected_loss).abs() / expected_loss.abs()),
+                "grad_error": grad_error,
+            }
+    result["passed"] = all(
+        result[impl]["loss_error"] < 1e-5 and result[impl]["grad_error"] < 1e-4 for impl in ("eager", "fused")
+    )
+    say(f"[model parallel] {result}")
+    return result
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -256,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         "shape": list(SMALL_SHAPE if args.small else FULL_SHAPE),
         "correctness": correctness(device, args.small),
         "loss": loss_benchmark(device, args.small),
+        "model_parallel": model_parallel(device),
     }
     if args.skip_recipe:
         results["recipe"] = {"skipped": "--skip-recipe"}
@@ -270,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     if path is not None:
         path.write_text(json.dumps(results, indent=1) + "\n")
     failed = not results["correctness"]["passed"] or results["recipe"].get("returncode", 0) != 0
+    failed = failed or not results["model_parallel"]["passed"]
     failed = failed or any("error" in r for r in results["loss"])
     return 1 if failed else 0
 

@@ -19,6 +19,8 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 import torch
@@ -51,28 +53,45 @@ def _environment() -> dict[str, str]:
 
 
 def _run(command: list[str], out: str) -> dict:
-    # Own session, so that on timeout the launcher *and* its ranks are killed (no orphaned rank).
-    process = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env=_environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        raise AssertionError(
-            f"{' '.join(command)} timed out after {TIMEOUT_S} s:\n{stderr[-5000:]}"
-        ) from None
-    if process.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(command)} failed with exit code {process.returncode}:\n{stdout[-3000:]}\n{stderr[-5000:]}"
-        )
+    """Run ``command`` (see :func:`_execute`), then read what train_one_step.py wrote into ``out``."""
+    _execute(command)
+    return _read_result(out)
+
+
+def _execute(*commands: list[str], timeout_s: float = TIMEOUT_S) -> None:
+    """Run ``commands`` at the same time from the repository root (two "machines" of one job are two
+    launchers); fail with their output if one fails or they are not all done within ``timeout_s``."""
+    started, deadline = [], time.monotonic() + timeout_s
+    for command in commands:
+        # Own session, so that on timeout the launcher *and* its ranks are killed (no orphaned rank).
+        # Output to files: two processes filling pipes that are read one after the other could block.
+        output = tempfile.TemporaryFile(mode="w+")
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=_environment(), stdout=output, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        started.append((command, process, output))
+    failures = []
+    for command, process, output in started:
+        failure = None
+        try:
+            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            failure = f"timed out after {timeout_s} s"
+        if failure is None and process.returncode != 0:
+            failure = f"failed with exit code {process.returncode}"
+        if failure is not None:
+            output.seek(0)
+            failures.append(f"{' '.join(command)} {failure}:\n{output.read()[-8000:]}")
+        output.close()
+    if failures:
+        raise AssertionError("\n\n".join(failures))
+
+
+def _read_result(out: str) -> dict:
+    """``result.json``, ``update.pt`` and the ``rank*_batches.json`` of one train_one_step.py run."""
     with open(os.path.join(out, "result.json")) as file:
         result = json.load(file)
     result["update"] = torch.load(os.path.join(out, "update.pt"))
@@ -82,6 +101,11 @@ def _run(command: list[str], out: str) -> dict:
             with open(os.path.join(out, name)) as file:
                 result["batches"][name.split("_")[0]] = json.load(file)
     return result
+
+
+def read_variants(out: str, variants) -> dict[str, dict]:
+    """:func:`_read_result` of each variant of a ``train_one_step.py --variants`` run (in ``out/NAME``)."""
+    return {variant: _read_result(os.path.join(out, variant)) for variant in variants}
 
 
 def _run_single(out: str, loss_impl: str = "eager") -> dict:

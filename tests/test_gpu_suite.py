@@ -45,6 +45,8 @@ def test_gpu_suite_runs_on_cpu_small(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
     assert results["small"] is True
 
+    assert results["model_parallel"]["passed"], results["model_parallel"]
+
     correctness = results["correctness"]
     assert correctness["passed"], correctness
     assert correctness["fused_bf16_error"]["loss"] < 1e-2

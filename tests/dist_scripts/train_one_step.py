@@ -29,6 +29,7 @@ import sys
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from peft import LoraConfig
 from transformers import BatchEncoding, LlamaForCausalLM
 
 from hf_shift_loss.trainer import ShiftLossArguments, ShiftLossTrainer
@@ -89,29 +90,57 @@ def example_losses(model: LlamaForCausalLM, examples: list[dict]) -> tuple[list[
     return sums, counts
 
 
-def main() -> None:
-    # If a rank ever hangs, say where (stderr reaches the test's failure message).
-    faulthandler.dump_traceback_later(90, exit=True)
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--per-device-batch", type=int, required=True)
-    parser.add_argument("--accumulation", type=int, required=True)
-    parser.add_argument("--average-tokens-across-devices", type=int, default=1)
-    parser.add_argument("--learning-rate", type=float, default=1.0)
-    parser.add_argument("--loss-impl", choices=["eager", "fused"], default="eager")
-    parser.add_argument("--tie", action="store_true", help="tie the lm_head to the input embeddings")
-    parser.add_argument("--batch-encoding", action="store_true", help="the collator returns BatchEncoding")
-    options = parser.parse_args()
-    os.makedirs(options.out, exist_ok=True)
+# Model variants one process can train in turn (--variants): name -> (loss_impl, tie_word_embeddings, lora).
+VARIANTS = {
+    "untied-eager": ("eager", False, False),
+    "untied-fused": ("fused", False, False),
+    "tied-eager": ("eager", True, False),
+    "tied-fused": ("fused", True, False),
+    "lora-fused": ("fused", False, True),
+}
 
+
+def avoid_deepspeed_shm_build() -> None:
+    """Under DeepSpeed: skip the JIT build of its shared-memory all-reduce op (about 37 s per machine).
+
+    DeepSpeed's first ``init_distributed`` on the CPU accelerator compiles ``deepspeed_shm_comm`` into
+    ``~/.cache/torch_extensions``; the op serves only inference all-reduce, never training, and gloo does
+    every collective without it. Marking it incompatible (DeepSpeed keeps one dict, so the edit
+    persists) makes ``build_shm_op`` return None, as on a machine without a compiler.
+    """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true"):
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter, whole, on every rank: FSDP2 shards (DTensor) and ZeRO-3 partitions are gathered.
+
+    Every rank must call it (the gathers are collectives).
+    """
+    parameters = dict(model.named_parameters())
+    if any(hasattr(parameter, "ds_id") for parameter in parameters.values()):  # ZeRO-3
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(parameters.values())):
+            return {name: parameter.detach().clone() for name, parameter in parameters.items()}
+    return {
+        name: (parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter).detach().clone()
+        for name, parameter in parameters.items()
+    }
+
+
+def train_variant(options: argparse.Namespace, out: str, loss_impl: str, tie: bool, lora: bool):
+    """One optimizer step of one model variant; rank 0 writes ``update.pt`` and ``result.json`` into ``out``."""
+    os.makedirs(out, exist_ok=True)
     examples = make_examples()
-    model = tiny_llama(VOCAB_SIZE, tie_word_embeddings=options.tie)
-    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
-    loss_sums, trained_counts = example_losses(model, examples)
-
+    model = tiny_llama(VOCAB_SIZE, tie_word_embeddings=tie)
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
     args = ShiftLossArguments(
-        output_dir=os.path.join(options.out, "trainer"),
+        output_dir=os.path.join(out, "trainer"),
         per_device_train_batch_size=options.per_device_batch,
+        per_device_eval_batch_size=3,  # 8 rows over 2 ranks x 3: the sampler repeats rows to fill a batch
         gradient_accumulation_steps=options.accumulation,
         max_steps=1,
         learning_rate=options.learning_rate,
@@ -127,28 +156,41 @@ def main() -> None:
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
-        use_cpu=True,
+        # DeepSpeed picks its CPU accelerator itself and needs the gloo backend named; use_cpu would
+        # make accelerate skip DeepSpeed.
+        use_cpu=not deepspeed,
+        ddp_backend="gloo" if deepspeed else None,
         seed=0,
-        loss_impl=options.loss_impl,
+        loss_impl=loss_impl,
     )
     collator = RecordingCollator(options.batch_encoding)
-    trainer = ShiftLossTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(examples), data_collator=collator
+    peft_config = (
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        if lora
+        else None
     )
+    trainer = ShiftLossTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(examples),
+        data_collator=collator,
+        peft_config=peft_config,
+    )
+    before = full_parameters(trainer.model)
+    loss_sums, trained_counts = example_losses(trainer.model, examples)  # with the adapter, if any
     trainer.train()
-
-    rank = trainer.accelerator.process_index
-    with open(os.path.join(options.out, f"rank{rank}_batches.json"), "w") as file:
-        json.dump(collator.batches, file)
     trained = trainer.accelerator.unwrap_model(trainer.model)
-    # Under FSDP2 the parameters are DTensor shards: every rank takes part in gathering them.
-    after = {
-        name: parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
-        for name, parameter in trained.named_parameters()
-    }
+    # ZeRO-3 leaves a 0-element placeholder where a partitioned parameter is not gathered (counted after
+    # the step: DeepSpeed may leave what evaluation gathered in place).
+    whole_at_rest = sum(parameter.numel() > 0 for parameter in trained.parameters())
+    rank = trainer.accelerator.process_index
+    with open(os.path.join(out, f"rank{rank}_batches.json"), "w") as file:
+        json.dump(collator.batches, file)  # the training step's micro-batches
+    metrics = trainer.evaluate(Dataset.from_list(examples)) if options.evaluate else {}
+    after = full_parameters(trained)
     if trainer.accelerator.is_main_process:
-        update = {name: parameter.detach() - before[name] for name, parameter in after.items()}
-        torch.save(update, os.path.join(options.out, "update.pt"))
+        update = {name: parameter - before[name] for name, parameter in after.items()}
+        torch.save(update, os.path.join(out, "update.pt"))
         logged = [entry for entry in trainer.state.log_history if "loss" in entry]
         result = {
             "logged_loss": logged[0]["loss"],
@@ -158,9 +200,44 @@ def main() -> None:
             "trained_tokens": logged[0].get("trained_tokens"),
             "world_size": trainer.accelerator.num_processes,
             "fused": trainer.loss_path(trainer.model).name == "fused",
+            "run_summary": trainer.run_summary(),
+            "parameters": len(after),
+            "whole_parameters_at_rest": whole_at_rest,
+            "eval_loss": metrics.get("eval_loss"),
+            "eval_trained_tokens": metrics.get("eval_trained_tokens"),
         }
-        with open(os.path.join(options.out, "result.json"), "w") as file:
+        with open(os.path.join(out, "result.json"), "w") as file:
             json.dump(result, file)
+    return trainer
+
+
+def main() -> None:
+    # If a rank ever hangs, say where (stderr reaches the test's failure message).
+    faulthandler.dump_traceback_later(90, exit=True)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--per-device-batch", type=int, required=True)
+    parser.add_argument("--accumulation", type=int, required=True)
+    parser.add_argument("--average-tokens-across-devices", type=int, default=1)
+    parser.add_argument("--learning-rate", type=float, default=1.0)
+    parser.add_argument("--loss-impl", choices=["eager", "fused"], default="eager")
+    parser.add_argument("--tie", action="store_true", help="tie the lm_head to the input embeddings")
+    parser.add_argument("--batch-encoding", action="store_true", help="the collator returns BatchEncoding")
+    parser.add_argument(
+        "--variants",
+        help=f"comma-separated names of {sorted(VARIANTS)}, trained one after another, each into "
+        "--out/NAME (instead of --loss-impl/--tie into --out)",
+    )
+    parser.add_argument("--evaluate", action="store_true", help="also evaluate the 8 examples after the step")
+    options = parser.parse_args()
+    avoid_deepspeed_shm_build()
+    if options.variants:
+        runs = [(os.path.join(options.out, name), *VARIANTS[name]) for name in options.variants.split(",")]
+    else:
+        runs = [(options.out, options.loss_impl, options.tie, False)]
+    for out, loss_impl, tie, lora in runs:
+        faulthandler.dump_traceback_later(90, exit=True)  # per variant
+        trainer = train_variant(options, out, loss_impl, tie, lora)
     # Every rank leaves the process group itself, after the others are done with it: an unclean or
     # staggered exit sometimes hangs or aborts gloo at shutdown.
     leave_process_group(trainer.accelerator)
