@@ -29,15 +29,17 @@ import sys
 import pytest
 import torch
 from dist_scripts.train_one_step import VARIANTS
+from helpers import tiny_llama
 from test_distributed import ROOT, SCRIPT, _execute, _free_port, _max_relative_difference, read_variants
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-from hf_shift_loss.heads import call_as_lm_head, get_output_head
-from hf_shift_loss.loss_paths import EagerLoss, FusedLoss, choose_loss_path
+from hf_shift_loss.loss.heads import call_as_lm_head, get_output_head
+from hf_shift_loss.loss.paths import EagerLoss, FusedLoss, choose_loss_path
 
 pytest.importorskip("deepspeed")
 
 RECIPES = os.path.join(ROOT, "recipes", "accelerate")
+VOCAB_SIZE = 32  # the unit tests' tiny Llama
 # One launch trains all five variants: DeepSpeed starts its engine five times.
 LAUNCH_TIMEOUT_S = 420
 
@@ -77,6 +79,7 @@ def test_zero_two_ranks_equal_one_process(one_process_variants, zero, variant):
     # The path chosen is the one asked for; under ZeRO-3 the fused loss runs without falling back.
     assert two["fused"] == one["fused"] == variant.endswith("fused")
     assert ("fused lm_head" in two["run_summary"]) == variant.endswith("fused")
+    assert two["zero3_seen_by_the_loss_path"] == (stage == 3) and not one["zero3_seen_by_the_loss_path"]
     if stage == 3:  # every parameter really is partitioned between steps
         assert two["whole_parameters_at_rest"] == 0 < two["parameters"]
     else:
@@ -104,16 +107,7 @@ def test_the_one_process_variants_differ(one_process_variants):
 
 
 def _tiny(tie: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_llama(VOCAB_SIZE, tie_word_embeddings=tie)
 
 
 def test_zero3_fuses_by_default():
@@ -171,29 +165,13 @@ class _GatheredOnlyInItsCall:
 def test_fused_loss_runs_inside_a_call_of_the_head(tie):
     """The weight a ZeRO-3 hook gathers for the head's call is the one the fused loss uses."""
     model = _tiny(tie).eval()
-    input_ids = torch.randint(0, 32, (2, 7), generator=torch.Generator().manual_seed(0))
+    input_ids = torch.randint(0, VOCAB_SIZE, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = EagerLoss()(
-            model,
-            {"input_ids": input_ids},
-            input_ids,
-            shift=True,
-            reduction="mean",
-            num_items_in_batch=None,
-            count_correct=False,
-        ).loss
+        expected = EagerLoss()(model, {"input_ids": input_ids}, input_ids).loss
     fused = choose_loss_path(model, "fused", zero3={"stage": 3})
     hooks = _GatheredOnlyInItsCall(model)
     with torch.no_grad():
-        loss = fused(
-            model,
-            {"input_ids": input_ids},
-            input_ids,
-            shift=True,
-            reduction="mean",
-            num_items_in_batch=None,
-            count_correct=False,
-        ).loss
+        loss = fused(model, {"input_ids": input_ids}, input_ids).loss
     assert hooks.head_calls == 2  # the model's own call (hidden states out), then the loss's
     assert model.lm_head.weight.numel() == 0  # released again
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
@@ -202,7 +180,7 @@ def test_fused_loss_runs_inside_a_call_of_the_head(tie):
 def test_call_as_lm_head_restores_the_forward():
     model = _tiny()
     head = get_output_head(model)
-    hidden = torch.randn(3, 16)
+    hidden = torch.randn(3, model.config.hidden_size)
     assert call_as_lm_head(head, lambda x: x.sum(), hidden) == hidden.sum()
     torch.testing.assert_close(model.lm_head(hidden), hidden @ model.lm_head.weight.T)
     assert "forward" not in model.lm_head.__dict__

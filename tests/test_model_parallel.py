@@ -3,7 +3,7 @@
 What a CPU proves: the lm_head offloaded to disk (``device_map={"model": "cpu", "lm_head": "disk"}``:
 accelerate keeps its weight on the ``meta`` device and loads it in the head's hook, as it does for a head
 placed on another device) gives the loss and the backbone's gradients of the same model in one piece, on
-both loss paths. The fused loss runs inside a call of the lm_head (``heads.call_as_lm_head``), so the hook
+both loss paths. The fused loss runs inside a call of the lm_head (``hf_shift_loss.loss.heads.call_as_lm_head``), so the hook
 moves the hidden states to the head's execution device and loads its weight; the eager loss moves the
 labels to the logits' device. On one CPU every "device" is the CPU, so the tensors' moves across real
 devices (hidden states and labels to the head's GPU, gradients back to the backbone's) need a GPU machine:
@@ -20,7 +20,7 @@ import torch
 from accelerate import dispatch_model
 from helpers import tiny_llama
 
-from hf_shift_loss.loss_paths import choose_loss_path
+from hf_shift_loss.loss.paths import choose_loss_path
 
 VOCAB_SIZE = 64
 
@@ -28,10 +28,7 @@ VOCAB_SIZE = 64
 def _loss_and_backbone_grads(model, loss_impl: str, input_ids, labels):
     path = choose_loss_path(model, loss_impl)
     assert path.name == loss_impl
-    loss = path(
-        model, {"input_ids": input_ids}, labels, shift=True, reduction="mean",
-        num_items_in_batch=None, count_correct=False,
-    ).loss  # fmt: skip
+    loss = path(model, {"input_ids": input_ids}, labels).loss
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if name.startswith("model.")}
     return loss.detach(), grads

@@ -13,9 +13,16 @@ Both see the same 8 examples in one optimizer step, so with exact normalization 
 logged loss, the token mean over all 8) must be the same. The examples have very different trained-token
 counts, so any per-micro-batch or per-rank mean would show.
 
-Writes into --out: ``update.pt`` (rank 0: parameter after - before, ``{name: tensor}``), ``result.json``
-(rank 0: logged loss, the global token mean and the per-example CE sums and counts it comes from), ``rank{R}_batches.json`` (the example indices each rank's
-micro-batches held, in order).
+The same runs under any launcher: DeepSpeed (``accelerate launch --use_deepspeed --deepspeed_config_file
+...``: the script then sets ``ddp_backend="gloo"``, tests/test_deepspeed.py), FSDP2 (tests/test_fsdp.py),
+two "machines" (tests/test_multi_node.py). ``--variants untied-fused,tied-eager,...`` trains several model
+variants (:data:`VARIANTS`) one after another in one launch, each into ``--out/NAME``; ``--evaluate`` also
+evaluates the 8 examples after the step.
+
+Writes into --out: ``update.pt`` (rank 0: parameter after - before, ``{name: tensor}``, gathered whole
+under FSDP2 and ZeRO-3), ``result.json`` (rank 0: logged loss, the global token mean and the per-example
+CE sums and counts it comes from, the loss path, the evaluation metrics), ``rank{R}_batches.json`` (the
+example indices each rank's training micro-batches held, in order).
 """
 
 from __future__ import annotations
@@ -200,6 +207,7 @@ def train_variant(options: argparse.Namespace, out: str, loss_impl: str, tie: bo
             "trained_tokens": logged[0].get("trained_tokens"),
             "world_size": trainer.accelerator.num_processes,
             "fused": trainer.loss_path(trainer.model).name == "fused",
+            "zero3_seen_by_the_loss_path": trainer._zero3_config() is not None,
             "run_summary": trainer.run_summary(),
             "parameters": len(after),
             "whole_parameters_at_rest": whole_at_rest,
