@@ -220,7 +220,7 @@ def model_parallel(device: str) -> dict:
     from accelerate import dispatch_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hf_shift_loss.loss_paths import choose_loss_path
+    from hf_shift_loss.loss import choose_loss_path
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -238,10 +238,7 @@ def model_parallel(device: str) -> dict:
     def loss_and_grads(model, loss_impl: str) -> tuple[torch.Tensor, dict]:
         path = choose_loss_path(model, loss_impl)
         assert path.name == loss_impl, path
-        loss = path(
-            model, {"input_ids": input_ids}, labels, shift=True, reduction="mean",
-            num_items_in_batch=None, count_correct=False,
-        ).loss  # fmt: skip
+        loss = path(model, {"input_ids": input_ids}, labels).loss
         loss.backward()
         parameters = model.named_parameters()
         return loss.detach().cpu(), {n: p.grad.cpu() for n, p in parameters if n.startswith("model.")}
