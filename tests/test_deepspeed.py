@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 through ShiftLossTrainer: two gloo ranks on CPU give the one-process update.
 
-One launch per ZeRO stage trains five model variants in turn (tests/dist_scripts/train_one_step.py
+One launch per DeepSpeed recipe (ZeRO-2, ZeRO-3, ZeRO-3 with parameters and optimizer state offloaded to
+CPU memory) trains five model variants in turn (tests/dist_scripts/train_one_step.py
 ``--variants``): untied and tied embeddings with the eager and the fused loss, and a peft LoRA adapter with
 the fused loss; each takes one SGD step over the same 8 examples (2 ranks x batch 2 x accumulation 2) and
 then evaluates them (2 ranks x batch 3: the sampler repeats rows to fill the last batches). One plain process
@@ -44,13 +45,14 @@ VOCAB_SIZE = 32  # the unit tests' tiny Llama
 LAUNCH_TIMEOUT_S = 420
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+@pytest.fixture(scope="module", params=["zero2", "zero3", "zero3_offload"])
 def zero(request, tmp_path_factory) -> tuple[int, dict[str, dict]]:
-    """(stage, results per variant) of one two-rank launch with recipes/accelerate/zero{stage}.json."""
-    stage = request.param
-    out = tmp_path_factory.mktemp(f"zero{stage}")
-    with open(os.path.join(RECIPES, f"zero{stage}.json"), encoding="utf-8") as file:
+    """(stage, results per variant) of one two-rank launch with recipes/accelerate/{recipe}.json."""
+    recipe = request.param
+    out = tmp_path_factory.mktemp(recipe)
+    with open(os.path.join(RECIPES, f"{recipe}.json"), encoding="utf-8") as file:
         config = json.load(file)
+    stage = config["zero_optimization"]["stage"]
     if stage == 3:  # partition even the tiny model's norms: otherwise ZeRO-3 is barely tested
         config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     config_file = out / "deepspeed.json"
