@@ -138,6 +138,36 @@ def test_zero3_leaf_module_around_the_head_falls_back_with_the_reason():
     assert isinstance(choose_loss_path(other, "fused", zero3={"stage": 3}), FusedLoss)
 
 
+@pytest.mark.parametrize(
+    ("leaf_module", "entry"),
+    [
+        ({"classes": ["LlamaForCausalLM"]}, "classes: 'LlamaForCausalLM'"),
+        (
+            {"classes": "transformers.models.llama.modeling_llama.LlamaForCausalLM"},
+            "classes: 'transformers.models.llama.modeling_llama.LlamaForCausalLM'",
+        ),
+    ],
+)
+def test_zero3_leaf_module_config_around_the_head_falls_back_with_the_reason(leaf_module, entry):
+    """DeepSpeed's own ``leaf_module`` config section marks leaves when the engine starts, after the loss
+    path is chosen: the choice reads the config as DeepSpeed will apply it."""
+    path = choose_loss_path(_tiny(), "auto", zero3={"stage": 3, "leaf_module": leaf_module})
+    assert isinstance(path, EagerLoss)
+    assert f"LlamaForCausalLM is a DeepSpeed ZeRO-3 leaf module (zero_optimization.leaf_module {entry})" in (
+        path.reason
+    )
+
+
+def test_zero3_leaf_module_config_elsewhere_still_fuses():
+    """DeepSpeed's default leaf classes (MoE blocks) and leaves by name or suffix away from the head: fused."""
+    from deepspeed.runtime.zero.leaf_module_config import DeepSpeedZeroLeafModuleConfig
+
+    defaults = DeepSpeedZeroLeafModuleConfig().model_dump()
+    elsewhere = {"classes": defaults["classes"], "names": ["model.layers.0"], "name_suffixes": ["mlp"]}
+    path = choose_loss_path(_tiny(), "auto", zero3={"stage": 3, "leaf_module": elsewhere})
+    assert isinstance(path, FusedLoss)
+
+
 class _GatheredOnlyInItsCall:
     """ZeRO-3's forward hooks in miniature: the head's weight is whole only inside a call of a module that
     holds it (the head, and the input embeddings when tied); a 0-element placeholder everywhere else."""

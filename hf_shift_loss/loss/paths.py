@@ -205,13 +205,42 @@ def _zero3_refusal(model: nn.Module, head: OutputHead, zero_optimization: Mappin
             "parent a leaf module, which gathers the lm_head weight only inside its own forward (set it to 0 "
             "for the fused loss)"
         )
+    leaf_config = zero_optimization.get("leaf_module") or {}
     for name, module in model.named_modules():
-        if module is not head.lm_head and getattr(module, "_z3_leaf", False):
-            if any(submodule is head.lm_head for submodule in module.modules()):
-                return (
-                    f"{name or type(model).__name__} is a DeepSpeed ZeRO-3 leaf module (set_z3_leaf_modules), "
-                    "which gathers the lm_head weight only inside its own forward"
-                )
+        if module is head.lm_head or not any(sub is head.lm_head for sub in module.modules()):
+            continue
+        shown = name or type(model).__name__
+        if getattr(module, "_z3_leaf", False):
+            return (
+                f"{shown} is a DeepSpeed ZeRO-3 leaf module (set_z3_leaf_modules), "
+                "which gathers the lm_head weight only inside its own forward"
+            )
+        entry = _leaf_config_entry(name, module, leaf_config)
+        if entry is not None:
+            return (
+                f"{shown} is a DeepSpeed ZeRO-3 leaf module (zero_optimization.leaf_module {entry}), "
+                "which gathers the lm_head weight only inside its own forward"
+            )
+    return None
+
+
+def _leaf_config_entry(name: str, module: nn.Module, leaf_config: Mapping[str, Any]) -> str | None:
+    """The entry of DeepSpeed's ``leaf_module`` config (classes, names, name_suffixes) that makes ``module``
+    a leaf when the engine starts, as DeepSpeed matches them; None if none does."""
+
+    def listed(key: str) -> list[str]:
+        value = leaf_config.get(key) or []
+        return [value] if isinstance(value, str) else [str(item) for item in value]
+
+    cls = type(module)
+    for class_name in listed("classes"):
+        if class_name in (cls.__name__, f"{cls.__module__}.{cls.__qualname__}"):
+            return f"classes: {class_name!r}"
+    if name and name in listed("names"):
+        return f"names: {name!r}"
+    for suffix in listed("name_suffixes"):
+        if name and name.endswith(suffix):
+            return f"name_suffixes: {suffix!r}"
     return None
 
 
