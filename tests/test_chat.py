@@ -778,3 +778,77 @@ def test_the_trained_context_ends_exactly_where_generation_starts(answer):
     assert encoded["input_ids"][:first] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
     trained = [label for label in encoded["labels"] if label != IGNORE_INDEX]
     assert tokenizer.decode(trained) == answer + "<|im_end|>"
+
+
+# ------------------------------------------------------------------ batches: the same rows, encoded together
+BATCH_TOKENIZERS = {
+    "smollm2": smollm2_tokenizer,
+    "mistral": mistral_tokenizer,
+    "mistral_slow": mistral_slow_tokenizer,
+    "llama3": llama3_style_tokenizer,
+}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rows=st.lists(
+        st.one_of(
+            fuzz_conversations().map(lambda messages: {"messages": messages}),
+            st.builds(lambda p, c: {"prompt": p, "completion": c}, CHAT_TEXT, CHAT_TEXT.filter(bool)),
+            st.builds(lambda text: {"text": text}, CHAT_TEXT),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    max_length=st.one_of(st.none(), st.integers(2, 300)),
+    options=st.sampled_from(
+        [{}, {"train_on": "last_turn"}, {"train_on": "all"}, {"train_end_of_turn": "all"}]
+    ),
+)
+def test_fuzz_a_batch_encodes_each_row_as_the_row_alone(rows, max_length, options):
+    """encode_batch (one tokenizer call for the batch) = the encoder on each row, errors included."""
+    encoder = Encoder(smollm2_tokenizer(), max_length=max_length, **options)
+    indices = list(range(10, 10 + len(rows)))
+    try:
+        alone = [encoder(row, index) for row, index in zip(rows, indices, strict=True)]
+    except ValueError as error:
+        with pytest.raises(ValueError, match=r"row 1\d"):
+            encoder.encode_batch(_columns(rows), indices)
+        event(f"refused: {str(error)[:20]}")
+        return
+    batch = encoder.encode_batch(_columns(rows), indices)
+    assert [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)] == alone
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    """Rows as the columns datasets gives a batched map (missing keys are None)."""
+    names = sorted({name for row in rows for name in row})
+    return {name: [row.get(name) for row in rows] for name in names}
+
+
+@pytest.mark.parametrize("name", sorted(BATCH_TOKENIZERS))
+def test_a_batch_of_conversations_encodes_each_as_encode_messages(name):
+    tokenizer = BATCH_TOKENIZERS[name]()
+    conversations = [
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " Hello there."}],
+        [
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "and 3+3?"},
+            {"role": "assistant", "content": "\n\n6"},
+        ],
+        [{"role": "user", "content": "x " * 80}, {"role": "assistant", "content": "y " * 40}],
+    ] * 2
+    for max_length in (None, 30):
+        batch = chat.encode_conversations(
+            tokenizer,
+            conversations,
+            max_length=max_length,
+            example_indices=range(6),
+            context_messages=[0, 1] * 3,
+        )
+        alone = [
+            encode_messages(tokenizer, c, max_length=max_length, example_index=i, context_messages=i % 2)
+            for i, c in enumerate(conversations)
+        ]
+        assert batch == alone

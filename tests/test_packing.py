@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from datasets import Dataset
+from datasets import Dataset, load_from_disk
 from helpers import tiny_llama, word_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_shift_loss import ShiftLossArguments, ShiftLossTrainer, prepare_dataset
+from hf_shift_loss.data import pack
 from hf_shift_loss.data.batch import Batcher
 from hf_shift_loss.data.encode import Encoder
-from hf_shift_loss.data.pack import best_fit_decreasing, check_packing_support, pack_rows
+from hf_shift_loss.data.pack import (
+    PACKING_COLUMNS,
+    best_fit_decreasing,
+    check_packing_support,
+    pack_dataset,
+    pack_rows,
+)
 from hf_shift_loss.loss import causal_lm_loss
 
 
@@ -314,3 +321,85 @@ def test_a_streamed_dataset_is_packed_in_windows_like_a_map_style_one():
     # One window holds the whole (small) dataset: the same rows as packing it at once.
     assert [row["input_ids"] for row in rows] == whole.dataset["input_ids"]
     assert sum(_targets(row["labels"]) for row in rows) == whole.stats.trained_tokens
+
+
+# ---------------------------------------------------------------------- the flat-memory packer = the old one
+def _reference_pack_rows(batch: dict, max_length: int, overflow: str = "truncate") -> dict:
+    """The packer as it was before issue 22 (Python lists over the whole dataset, bisect over sorted free
+    rooms), kept only here as the reference the Arrow packer must reproduce."""
+    import bisect
+
+    def reference_bfd(lengths: list[int], capacity: int) -> list[list[int]]:
+        rows: list[list[int]] = []
+        free_rooms: list[tuple[int, int]] = []
+        for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            length = lengths[index]
+            slot = bisect.bisect_left(free_rooms, (length, -1))
+            if slot == len(free_rooms):
+                row_index, room = len(rows), capacity
+                rows.append([])
+            else:
+                room, row_index = free_rooms.pop(slot)
+            rows[row_index].append(index)
+            if room > length:
+                bisect.insort(free_rooms, (room - length, row_index))
+        return rows
+
+    pieces, split_examples, lost = [], 0, 0
+    for input_ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
+        if overflow == "truncate" or len(input_ids) <= max_length:
+            pieces.append((input_ids[:max_length], labels[:max_length]))
+            continue
+        starts = range(0, len(input_ids), max_length)
+        split_examples += 1
+        lost += sum(1 for start in starts[1:] if labels[start] != -100)
+        pieces.extend((input_ids[s : s + max_length], labels[s : s + max_length]) for s in starts)
+    packed: dict[str, list] = {name: [] for name in PACKING_COLUMNS}
+    for members in reference_bfd([len(ids) for ids, _ in pieces], max_length):
+        row_ids, row_labels, row_positions = [], [], []
+        for member in members:
+            input_ids, labels = pieces[member]
+            row_ids += input_ids
+            row_labels += [-100, *labels[1:]]
+            row_positions += range(len(input_ids))
+        for name, value in zip(PACKING_COLUMNS, (row_ids, row_labels, row_positions, 0, 0), strict=True):
+            packed[name].append(value)
+    if packed["input_ids"]:
+        packed["split_examples"][0], packed["lost_boundary_targets"][0] = split_examples, lost
+    return packed
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=60),
+    max_length=st.integers(2, 24),
+    overflow=st.sampled_from(["truncate", "split"]),
+    prompt_length=st.integers(0, 5),
+)
+def test_arrow_packer_writes_the_rows_of_the_list_packer(lengths, max_length, overflow, prompt_length):
+    columns = _columns(_examples(lengths, prompt_length=prompt_length))
+    expected = _reference_pack_rows(columns, max_length, overflow)
+    assert pack_rows(columns, max_length, overflow=overflow) == expected
+    packed = pack_dataset(Dataset.from_dict(columns), max_length, overflow, new_fingerprint="f" * 16)
+    assert packed.dataset.to_dict() == {name: expected[name] for name in PACKING_COLUMNS[:3]}
+    assert packed.split_examples == sum(expected["split_examples"])
+    assert packed.lost_boundary_targets == sum(expected["lost_boundary_targets"])
+
+
+def test_pack_dataset_reads_through_filters_and_writes_in_batches(tmp_path, monkeypatch):
+    """A filtered (index-mapped), file-backed dataset packed a few rows per write = the list packer."""
+    monkeypatch.setattr(pack, "PACK_WRITE_ROWS", 3)
+    monkeypatch.setattr(pack, "LENGTH_READ_ROWS", 7)
+    examples = _examples([5, 17, 9, 1, 30, 12, 8, 3, 22, 6, 14, 2, 19, 11, 4], prompt_length=3)
+    Dataset.from_list(examples).save_to_disk(str(tmp_path / "rows"))
+    on_disk = load_from_disk(str(tmp_path / "rows")).filter(lambda row, i: i % 4 != 1, with_indices=True)
+    kept = [e for i, e in enumerate(examples) if i % 4 != 1]
+    for overflow in ("truncate", "split"):
+        expected = _reference_pack_rows(_columns(kept), 16, overflow)
+        packed = pack_dataset(on_disk, 16, overflow)
+        assert packed.dataset.cache_files, "written to a file next to the dataset, not held in memory"
+        assert packed.dataset.to_dict() == {name: expected[name] for name in PACKING_COLUMNS[:3]}
+        assert packed.lost_boundary_targets == sum(expected["lost_boundary_targets"])
+        assert (packed.lost_boundary_targets > 0) == (overflow == "split")
+    with pytest.raises(ValueError, match="row 1: 'labels' has 2 entries but 'input_ids' has 3"):
+        pack_rows({"input_ids": [[1, 2], [1, 2, 3]], "labels": [[1, 2], [1, 2]]}, max_length=4)

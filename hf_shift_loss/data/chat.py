@@ -34,6 +34,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from hf_shift_loss.constants import IGNORE_INDEX
 from hf_shift_loss.options import END_OF_TURN_MODES, TRAIN_ON, EndOfTurnMode, TrainOn, check_choice
 
@@ -42,7 +44,7 @@ DEFAULT_TRAIN_ROLES = ("assistant",)
 DEFAULT_END_OF_TURN: EndOfTurnMode = "turn"
 STANDARD_ROLES = ("system", "user", "assistant", "tool")
 
-__all__ = ["encode_messages", "STANDARD_ROLES"]
+__all__ = ["encode_conversations", "encode_messages", "STANDARD_ROLES"]
 
 Span = tuple[int, int]
 
@@ -417,7 +419,7 @@ def _split_at_answer_starts(
     input_ids: list[int],
     offsets: list[Span],
     char_spans: list[Span],
-    chat_template_kwargs: Mapping[str, Any],
+    suffix: str,
     example_index: int | None,
 ) -> tuple[list[int], list[Span]]:
     """Re-tokenize so that no token straddles the start of a trained span where a prompt would end.
@@ -429,9 +431,9 @@ def _split_at_answer_starts(
     and the text before it ends with the template's generation prompt, the text is tokenized in pieces
     split there (as the prompt and the answer are at generation time); elsewhere the tokens stay exactly
     those of the whole rendered text (a SentencePiece ``▁Paris`` after Mistral's ``[/INST]`` also spans
-    the answer's start, and is what generation produces there).
+    the answer's start, and is what generation produces there). ``suffix`` is
+    :func:`generation_prompt_suffix`'s.
     """
-    suffix = generation_prompt_suffix(tokenizer, chat_template_kwargs)
     token_starts = [start for start, _ in offsets]
 
     def straddles(boundary: int) -> bool:
@@ -454,17 +456,18 @@ def _split_at_answer_starts(
 
 
 def _labels_from_offsets(input_ids: list[int], offsets: list[Span], char_spans: list[Span]) -> list[int]:
-    labels = [IGNORE_INDEX] * len(input_ids)
-    span_index = 0
-    for t, (token_start, token_end) in enumerate(offsets):
-        # Spans and tokens both advance left to right: skip spans that end before this token.
-        while span_index < len(char_spans) and char_spans[span_index][1] <= token_start:
-            span_index += 1
-        for span_start, span_end in char_spans[span_index : span_index + 2]:
-            if token_start < span_end and token_end > span_start:
-                labels[t] = input_ids[t]
-                break
-    return labels
+    """A token is trained when its characters overlap a trained span (sorted, disjoint): the first span
+    ending after the token's start is the only one that can (numpy, one search per token)."""
+    if not char_spans or not input_ids:
+        return [IGNORE_INDEX] * len(input_ids)
+    token_bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    span_bounds = np.asarray(char_spans, dtype=np.int64)
+    candidate = np.searchsorted(span_bounds[:, 1], token_bounds[:, 0], side="right")
+    has_candidate = candidate < len(span_bounds)
+    trained = has_candidate & (
+        span_bounds[np.minimum(candidate, len(span_bounds) - 1), 0] < token_bounds[:, 1]
+    )
+    return np.where(trained, np.asarray(input_ids, dtype=np.int64), IGNORE_INDEX).tolist()
 
 
 def _encode_text(tokenizer: Any, text: str) -> list[int]:
@@ -501,6 +504,87 @@ class _Encoded:
     labels: list[int]
 
 
+@dataclass
+class _Rendered:
+    """A conversation rendered and located, not yet tokenized: its text and trained character spans."""
+
+    text: str
+    spans: list[Span | None]
+    char_spans: list[Span]
+
+
+def _cached(cache: dict | None, key: Any, compute: Any) -> Any:
+    """``compute()``, memoized in ``cache`` (one dict per batch of conversations: same tokenizer and options)."""
+    if cache is None:
+        return compute()
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
+
+
+def _probe_key(messages: Sequence[Mapping[str, Any]]) -> tuple:
+    """What the sentinel render (:func:`_separators`) depends on: every key but the contents and tool calls."""
+    return tuple(
+        tuple((key, repr(value)) for key, value in message.items() if key not in ("content", "tool_calls"))
+        for message in messages
+    )
+
+
+def _render(
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    train_roles: tuple[str, ...],
+    train_end_of_turn: EndOfTurnMode,
+    last_turn_only: bool,
+    chat_template_kwargs: Mapping[str, Any],
+    example_index: int | None,
+    first_trainable: int = 0,
+    cache: dict | None = None,
+) -> _Rendered:
+    """Render (plus one sentinel render, shared by conversations of the same shape) and locate."""
+    text = render_chat(tokenizer, messages, chat_template_kwargs, example_index)
+    separators, tail = _cached(
+        cache,
+        ("separators", _probe_key(messages)),
+        lambda: _separators(tokenizer, messages, chat_template_kwargs),
+    )
+    spans = locate_spans(text, messages, separators, tail, train_roles, example_index)
+    char_spans = trained_char_spans(
+        text,
+        messages,
+        spans,
+        _cached(cache, "markers", lambda: end_of_turn_markers(tokenizer)),
+        train_roles=train_roles,
+        train_end_of_turn=train_end_of_turn,
+        last_turn_only=last_turn_only,
+        first_trainable=first_trainable,
+    )
+    return _Rendered(text, spans, char_spans)
+
+
+def _label(
+    tokenizer: Any,
+    rendered: _Rendered,
+    chat_template_kwargs: Mapping[str, Any],
+    example_index: int | None,
+    cache: dict | None = None,
+    tokenized: tuple[list[int], list[Span]] | None = None,
+) -> _Encoded:
+    """Tokenize the rendered text once (or take ``tokenized``, its ids and offsets from a batch) and label it."""
+    text, char_spans = rendered.text, rendered.char_spans
+    input_ids, offsets = tokenized or _tokenize_with_offsets(tokenizer, text, example_index)
+    if offsets is not None:
+        suffix = _cached(cache, "suffix", lambda: generation_prompt_suffix(tokenizer, chat_template_kwargs))
+        input_ids, offsets = _split_at_answer_starts(
+            tokenizer, text, input_ids, offsets, char_spans, suffix, example_index
+        )
+        labels = _labels_from_offsets(input_ids, offsets, char_spans)
+    else:
+        labels = _labels_by_prefix_tokenization(tokenizer, text, input_ids, char_spans)
+    return _Encoded(text, rendered.spans, input_ids, offsets, labels)
+
+
 def _encode(
     tokenizer: Any,
     messages: Sequence[Mapping[str, Any]],
@@ -511,30 +595,21 @@ def _encode(
     chat_template_kwargs: Mapping[str, Any],
     example_index: int | None,
     first_trainable: int = 0,
+    cache: dict | None = None,
 ) -> _Encoded:
     """Render (plus one sentinel render), locate, tokenize once and label one conversation."""
-    text = render_chat(tokenizer, messages, chat_template_kwargs, example_index)
-    separators, tail = _separators(tokenizer, messages, chat_template_kwargs)
-    spans = locate_spans(text, messages, separators, tail, train_roles, example_index)
-    char_spans = trained_char_spans(
-        text,
+    rendered = _render(
+        tokenizer,
         messages,
-        spans,
-        end_of_turn_markers(tokenizer),
         train_roles=train_roles,
         train_end_of_turn=train_end_of_turn,
         last_turn_only=last_turn_only,
+        chat_template_kwargs=chat_template_kwargs,
+        example_index=example_index,
         first_trainable=first_trainable,
+        cache=cache,
     )
-    input_ids, offsets = _tokenize_with_offsets(tokenizer, text, example_index)
-    if offsets is not None:
-        input_ids, offsets = _split_at_answer_starts(
-            tokenizer, text, input_ids, offsets, char_spans, chat_template_kwargs, example_index
-        )
-        labels = _labels_from_offsets(input_ids, offsets, char_spans)
-    else:
-        labels = _labels_by_prefix_tokenization(tokenizer, text, input_ids, char_spans)
-    return _Encoded(text, spans, input_ids, offsets, labels)
+    return _label(tokenizer, rendered, chat_template_kwargs, example_index, cache)
 
 
 def _exchanges(messages: Sequence[Mapping[str, Any]]) -> tuple[int, list[int]]:
@@ -724,11 +799,7 @@ def encode_messages(
     """
     if last_turn_only is not None:
         train_on = _train_on_from_last_turn_only(last_turn_only, train_on)
-    roles = _normalize_train_roles(train_roles)
-    check_choice("train_on", train_on, TRAIN_ON)
-    check_choice("train_end_of_turn", train_end_of_turn, END_OF_TURN_MODES)
-    if max_length is not None and max_length < 1:
-        raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+    roles = _check_options(train_roles, train_on, train_end_of_turn, max_length)
     messages = validate_messages(messages, example_index)
     options = dict(
         train_roles=roles,
@@ -738,10 +809,122 @@ def encode_messages(
         example_index=example_index,
     )
     encoded = _encode(tokenizer, messages, first_trainable=context_messages, **options)
+    return _fit(tokenizer, messages, encoded, max_length, context_messages, options, train_on)
+
+
+def encode_conversations(
+    tokenizer: Any,
+    conversations: Sequence[Sequence[Mapping[str, Any]]],
+    *,
+    train_roles: str | Sequence[str] = DEFAULT_TRAIN_ROLES,
+    train_end_of_turn: EndOfTurnMode = DEFAULT_END_OF_TURN,
+    train_on: TrainOn = "completion",
+    max_length: int | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    example_indices: Sequence[int | None] | None = None,
+    context_messages: Sequence[int] | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`encode_messages` over a batch of conversations: the same result for each, computed faster.
+
+    Each conversation is rendered on its own (the sentinel render is shared by conversations of the
+    same shape: same roles and keys), then all rendered texts are tokenized in one call (a fast
+    tokenizer encodes a batch in Rust, its offsets give the spans), and labels are built with numpy.
+    Only conversations longer than ``max_length`` are rendered again (:func:`_drop_oldest_exchanges`).
+
+    Args:
+        conversations: one message list per example; the other arguments are :func:`encode_messages`'s,
+            ``example_indices`` and ``context_messages`` given per conversation (None: no index, 0).
+
+    Returns:
+        One :func:`encode_messages` dict per conversation, in order.
+
+    Examples:
+        >>> from transformers import AutoTokenizer  # doctest: +SKIP
+        >>> tokenizer = AutoTokenizer.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")  # doctest: +SKIP
+        >>> rows = encode_conversations(tokenizer, [[{"role": "user", "content": "2+2?"},
+        ...                                          {"role": "assistant", "content": "4"}]] * 2)  # doctest: +SKIP
+        >>> rows[0] == rows[1]  # doctest: +SKIP
+        True
+    """
+    roles = _check_options(train_roles, train_on, train_end_of_turn, max_length)
+    count = len(conversations)
+    indices = list(example_indices) if example_indices is not None else [None] * count
+    contexts = list(context_messages) if context_messages is not None else [0] * count
+    if not len(indices) == len(contexts) == count:
+        raise ValueError(
+            f"{count} conversations but {len(indices)} example_indices and {len(contexts)} context_messages"
+        )
+    cache: dict = {}
+    kwargs = dict(chat_template_kwargs or {})
+    prepared = []
+    for messages, index, context in zip(conversations, indices, contexts, strict=True):
+        messages = validate_messages(messages, index)
+        options = dict(
+            train_roles=roles,
+            train_end_of_turn=train_end_of_turn,
+            last_turn_only=train_on == "last_turn",
+            chat_template_kwargs=kwargs,
+            example_index=index,
+            cache=cache,
+        )
+        rendered = _render(tokenizer, messages, first_trainable=context, **options)
+        prepared.append((messages, context, options, rendered))
+    tokenized = _tokenize_batch(tokenizer, [rendered.text for *_, rendered in prepared])
+    results = []
+    for position, (messages, context, options, rendered) in enumerate(prepared):
+        tokens = tokenized[position] if tokenized is not None else None
+        encoded = _label(tokenizer, rendered, kwargs, options["example_index"], cache, tokens)
+        results.append(_fit(tokenizer, messages, encoded, max_length, context, options, train_on))
+    return results
+
+
+def _check_options(
+    train_roles: str | Sequence[str],
+    train_on: TrainOn,
+    train_end_of_turn: EndOfTurnMode,
+    max_length: int | None,
+) -> tuple[str, ...]:
+    roles = _normalize_train_roles(train_roles)
+    check_choice("train_on", train_on, TRAIN_ON)
+    check_choice("train_end_of_turn", train_end_of_turn, END_OF_TURN_MODES)
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+    return roles
+
+
+def _tokenize_batch(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[Span]]] | None:
+    """Ids and offsets of every text from one batch call, or None where the tokenizer gives no offsets
+    or refuses a text (each is then tokenized on its own, which names the row that fails)."""
+    if not texts or not getattr(tokenizer, "is_fast", False):
+        return None
+    try:
+        encoding = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    except Exception:
+        return None
+    offsets = encoding.get("offset_mapping")
+    if offsets is None:
+        return None
+    return [
+        (list(ids), [tuple(o) for o in row_offsets])
+        for ids, row_offsets in zip(encoding["input_ids"], offsets, strict=True)
+    ]
+
+
+def _fit(
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, Any]],
+    encoded: _Encoded,
+    max_length: int | None,
+    context_messages: int,
+    options: Mapping[str, Any],
+    train_on: TrainOn,
+) -> dict[str, Any]:
+    """A whole conversation's encoding cut to ``max_length`` (oldest exchanges first, then tokens from the
+    right), as :func:`encode_messages` returns it."""
     dropped_turns = 0
     if max_length is not None and len(encoded.input_ids) > max_length:
         encoded, dropped_turns = _drop_oldest_exchanges(
-            tokenizer, messages, encoded, max_length, roles, context_messages, options
+            tokenizer, messages, encoded, max_length, options["train_roles"], context_messages, options
         )
     input_ids, labels = encoded.input_ids, encoded.labels
     truncated_tokens = 0

@@ -7,9 +7,12 @@ fits) and tells the model where each one starts with ``position_ids`` that resta
 and builds a block-diagonal causal mask (sdpa, eager, flex) or calls the varlen kernel (flash
 attention, one row only), so no example attends to another.
 
-The trainer packs at the dataset level: :func:`pack_rows` runs once over the whole encoded dataset
-(``Dataset.map(batched=True, batch_size=None)``, cached like any map), so every step sees full rows
-whatever the batch size. A streamed ``IterableDataset`` is packed the same way in windows of rows.
+The trainer packs at the dataset level with :func:`pack_dataset`, in memory that does not grow with the
+dataset: the rows are decided on the lengths alone (one int per example, :func:`plan_packing`), then the
+packed rows are written a batch at a time from the encoded Arrow table (``take`` on the plan's rows,
+slices gathered with numpy on the Arrow buffers), never the whole dataset as Python objects, and cached
+like any ``datasets.map``. Every step sees full rows whatever the batch size. A streamed
+``IterableDataset`` is packed in windows of rows by :func:`pack_rows`, the same plan and the same writer.
 
 Two rules keep the loss exact (docs/packing.md):
 
@@ -21,24 +24,49 @@ Two rules keep the loss exact (docs/packing.md):
   :func:`check_packing_support` refuses a model/call that would silently attend across sequences.
 
 Examples longer than ``max_length`` are truncated by the encoder (``packing_overflow="truncate"``) or
-split here into ``max_length`` pieces (``"split"``); both are counted.
+split here into ``max_length`` pieces (``"split"``, :func:`split_pieces`); both are counted.
 """
 
 from __future__ import annotations
 
 import bisect
+import heapq
+import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
+from datasets.fingerprint import Hasher, generate_random_fingerprint, get_temporary_cache_files_directory
 
 from hf_shift_loss.constants import IGNORE_INDEX
 from hf_shift_loss.options import PACKING_OVERFLOWS, PackingOverflow, check_choice, check_max_length
 
-__all__ = ["PACKING_COLUMNS", "best_fit_decreasing", "check_packing_support", "pack_rows", "split_points"]
+__all__ = [
+    "PACKING_COLUMNS",
+    "PackedDataset",
+    "PackingPlan",
+    "best_fit_decreasing",
+    "check_packing_support",
+    "pack_dataset",
+    "pack_rows",
+    "plan_packing",
+    "split_pieces",
+    "split_points",
+]
 
 # Columns of a packed row: the batch's three tensors and the counts packing adds.
 PACKING_COLUMNS = ("input_ids", "labels", "position_ids", "split_examples", "lost_boundary_targets")
+# The token columns of a packed row (PACKING_COLUMNS without the counts), all int64 lists.
+_TOKEN_COLUMNS = PACKING_COLUMNS[:3]
+# Packed rows written per Arrow batch by pack_dataset, and encoded rows read per batch for their
+# lengths: what bounds the memory of packing a dataset of any size (about 2M tokens at 2048).
+PACK_WRITE_ROWS = 1000
+LENGTH_READ_ROWS = 50_000
 
 # Attention backends whose masks come from masking_utils' mask functions, which honour packed
 # position_ids (block-diagonal causal mask) when there is no attention_mask and no cache.
@@ -49,33 +77,65 @@ _MASK_BACKENDS = ("sdpa", "eager", "flex_attention")
 _VARLEN_BACKENDS = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
 
 
-def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+def _check_options(max_length: int, overflow: str) -> None:
+    check_max_length(max_length)
+    check_choice("packing_overflow", overflow, PACKING_OVERFLOWS)
+
+
+def _bfd_rows(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best-fit decreasing on an int array: ``(members, row_offsets)``, row ``r`` holding
+    ``members[row_offsets[r]:row_offsets[r + 1]]`` in the order they were placed.
+
+    Free rooms are bucketed by size (a min-heap of row indices per room, and the sorted list of the
+    room sizes that have a row), so a placement is a bisection over at most ``capacity`` sizes: the
+    row chosen is the one with the least free room >= the length, the lowest row index among equals.
+    """
+    if len(lengths) and int(lengths.max()) > capacity:
+        index = int(np.argmax(lengths))  # the first of the longest: the first one placed
+        raise ValueError(
+            f"sequence {index} has {int(lengths[index])} tokens, more than the row capacity {capacity}"
+        )
+    order = np.argsort(-lengths, kind="stable")
+    buckets: list[list[int]] = [[] for _ in range(capacity + 1)]  # free room -> heap of row indices
+    rooms: list[int] = []  # the free rooms that have a row, sorted; full rows leave
+    row_of: list[int] = []  # the row of each sequence, in placement order
+    n_rows = 0
+    for length in lengths[order].tolist():
+        slot = bisect.bisect_left(rooms, length)
+        if slot == len(rooms):
+            row, room = n_rows, capacity
+            n_rows += 1
+        else:
+            room = rooms[slot]
+            row = heapq.heappop(buckets[room])
+            if not buckets[room]:
+                del rooms[slot]
+        row_of.append(row)
+        left = room - length
+        if left > 0:
+            if not buckets[left]:
+                bisect.insort(rooms, left)
+            heapq.heappush(buckets[left], row)
+    rows = np.asarray(row_of, dtype=np.int64)
+    placed = np.argsort(rows, kind="stable")  # grouped by row, placement order within a row
+    row_offsets = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n_rows), out=row_offsets[1:])
+    return order[placed], row_offsets
+
+
+def best_fit_decreasing(lengths: Sequence[int] | np.ndarray, capacity: int) -> list[list[int]]:
     """Group sequence indices into rows of at most ``capacity`` tokens, best-fit decreasing.
 
-    Sequences are placed longest first, each into the fullest row it still fits (the row with the
-    least free room >= its length, found by bisection over rows sorted by free room), else a new row:
-    O(n log n), and never more than 11/9 of the optimal number of rows (+ 1).
+    Sequences are placed longest first (equal lengths in index order), each into the fullest row it
+    still fits (the row with the least free room >= its length; the oldest row among equals), else a
+    new row: O(n log capacity), and never more than 11/9 of the optimal number of rows (+ 1).
 
     Examples:
         >>> best_fit_decreasing([5, 3, 4, 2, 6], capacity=8)
         [[4, 3], [0, 1], [2]]
     """
-    rows: list[list[int]] = []
-    free_rooms: list[tuple[int, int]] = []  # (free room, row index), sorted; full rows leave it
-    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        length = lengths[index]
-        if length > capacity:
-            raise ValueError(f"sequence {index} has {length} tokens, more than the row capacity {capacity}")
-        slot = bisect.bisect_left(free_rooms, (length, -1))
-        if slot == len(free_rooms):
-            row_index, room = len(rows), capacity
-            rows.append([])
-        else:
-            room, row_index = free_rooms.pop(slot)
-        rows[row_index].append(index)
-        if room > length:
-            bisect.insort(free_rooms, (room - length, row_index))
-    return rows
+    members, row_offsets = _bfd_rows(np.asarray(lengths, dtype=np.int64).reshape(-1), capacity)
+    return [members[a:b].tolist() for a, b in zip(row_offsets[:-1], row_offsets[1:], strict=True)]
 
 
 def split_points(labels: Sequence[int], max_length: int) -> tuple[list[int], int]:
@@ -103,13 +163,139 @@ def split_points(labels: Sequence[int], max_length: int) -> tuple[list[int], int
     return cuts, sum(1 for cut in cuts if labels[cut] != IGNORE_INDEX)
 
 
+def split_pieces(
+    lengths: np.ndarray, max_length: int, overflow: PackingOverflow
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pieces the packer lays out: ``(source, start, length)``, int64 arrays of shape ``[pieces]``.
+
+    :func:`split_points`'s rule over a whole dataset's lengths at once (pieces every ``max_length``).
+
+    ``"truncate"``: one piece per row, its first ``max_length`` tokens. ``"split"``: a row longer than
+    ``max_length`` becomes ``ceil(length / max_length)`` consecutive pieces of ``max_length`` tokens (the
+    last one shorter); a later piece's first target is lost (it was predicted from the previous token).
+
+    Examples:
+        >>> [piece.tolist() for piece in split_pieces(np.array([3, 7]), max_length=4, overflow="split")]
+        [[0, 1, 1], [0, 0, 4], [3, 4, 3]]
+    """
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    if overflow == "truncate":
+        return (
+            np.arange(len(lengths)),
+            np.zeros(len(lengths), dtype=np.int64),
+            np.minimum(lengths, max_length),
+        )
+    counts = np.maximum(1, -(-lengths // max_length))  # an empty row is one (empty) piece
+    source = np.repeat(np.arange(len(lengths)), counts)
+    start = (np.arange(len(source)) - np.repeat(np.cumsum(counts) - counts, counts)) * max_length
+    return source, start, np.minimum(lengths[source] - start, max_length)
+
+
+@dataclass
+class PackingPlan:
+    """Which piece of which encoded row goes where, decided on the lengths alone (int64 arrays).
+
+    Packed row ``r`` is the pieces ``row_offsets[r]:row_offsets[r + 1]`` laid end to end; piece ``p`` is
+    tokens ``start[p]:start[p] + length[p]`` of encoded row ``source[p]``.
+    """
+
+    source: np.ndarray  # [pieces]
+    start: np.ndarray  # [pieces]
+    length: np.ndarray  # [pieces]
+    row_offsets: np.ndarray  # [rows + 1]
+    split_examples: int
+
+    @property
+    def rows(self) -> int:
+        return len(self.row_offsets) - 1
+
+
+def plan_packing(
+    lengths: Sequence[int] | np.ndarray, max_length: int, overflow: PackingOverflow = "truncate"
+) -> PackingPlan:
+    """Pieces (:func:`split_pieces`) grouped into rows of ``max_length`` by :func:`best_fit_decreasing`.
+
+    Examples:
+        >>> plan = plan_packing([3, 2, 4], max_length=5)
+        >>> plan.source.tolist(), plan.row_offsets.tolist()
+        ([2, 0, 1], [0, 1, 3])
+    """
+    _check_options(max_length, overflow)
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    source, start, length = split_pieces(lengths, max_length, overflow)
+    members, row_offsets = _bfd_rows(length, max_length)
+    split_examples = int(np.sum(lengths > max_length)) if overflow == "split" else 0
+    return PackingPlan(source[members], start[members], length[members], row_offsets, split_examples)
+
+
+def _list_parts(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """``(offsets [rows + 1], values)`` of an Arrow list column, values indexed by the offsets."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return array.offsets.to_numpy(), array.values.to_numpy(zero_copy_only=False)
+
+
+def _list_array(row_tokens: np.ndarray, values: np.ndarray) -> pa.ListArray:
+    offsets = np.zeros(len(row_tokens) + 1, dtype=np.int32)
+    np.cumsum(row_tokens, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.int64, copy=False)))
+
+
+def _packed_columns(
+    rows: pa.Table, start: np.ndarray, length: np.ndarray, pieces_per_row: np.ndarray
+) -> dict[str, pa.ListArray]:
+    """The token columns of packed rows: ``rows`` holds each piece's encoded row (one per piece, in plan
+    order), ``pieces_per_row`` how many consecutive pieces each packed row takes."""
+    piece_begin = np.cumsum(length) - length  # where each piece starts in the packed tokens
+    within = np.arange(int(length.sum()), dtype=np.int64) - np.repeat(piece_begin, length)
+    columns = {}
+    for name in ("input_ids", "labels"):
+        offsets, values = _list_parts(rows.column(name))
+        columns[name] = values[np.repeat(offsets[:-1] + start, length) + within].astype(np.int64)
+    # Nothing may be trained to predict a sequence's first token from the previous sequence.
+    columns["labels"][piece_begin[length > 0]] = IGNORE_INDEX
+    columns["position_ids"] = within
+    row_tokens = np.bincount(
+        np.repeat(np.arange(len(pieces_per_row)), pieces_per_row),
+        weights=length,
+        minlength=len(pieces_per_row),
+    ).astype(np.int64)
+    return {name: _list_array(row_tokens, columns[name]) for name in _TOKEN_COLUMNS}
+
+
+def _lost_boundary_targets(table_rows: Any, plan: PackingPlan) -> int:
+    """Targets lost where rows were split: a later piece's first label that was not -100.
+
+    ``table_rows(indices)`` returns the encoded rows at ``indices`` as an Arrow table; only split rows
+    are read.
+    """
+    later = np.flatnonzero(plan.start > 0)
+    if not len(later):
+        return 0
+    offsets, values = _list_parts(table_rows(plan.source[later]).column("labels"))
+    return int(np.sum(values[offsets[:-1] + plan.start[later]] != IGNORE_INDEX))
+
+
+def _check_aligned(table: pa.Table, first_row: int = 0) -> np.ndarray:
+    """The rows' lengths; ValueError naming the first row whose labels and input_ids differ in length."""
+    lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
+    label_lengths = pc.list_value_length(table.column("labels")).to_numpy(zero_copy_only=False)
+    mismatched = np.flatnonzero(lengths != label_lengths)
+    if len(mismatched):
+        row = int(mismatched[0])
+        raise ValueError(
+            f"row {first_row + row}: 'labels' has {label_lengths[row]} entries but 'input_ids' has {lengths[row]}; "
+            "labels must be aligned with input_ids"
+        )
+    return lengths.astype(np.int64)
+
+
 def pack_rows(
     batch: Mapping[str, Sequence[Any]], max_length: int, overflow: PackingOverflow = "truncate"
 ) -> dict:
     """Pack a columnar batch of encoded rows (``input_ids``, ``labels``) into rows of ``max_length``.
 
-    The function for ``Dataset.map(pack_rows, batched=True, batch_size=None, remove_columns=...)``: the
-    whole dataset is one batch, so the rows are packed globally.
+    A streamed dataset's windows are packed with it (``IterableDataset.map(pack_rows, batched=True)``);
+    a map-style dataset is packed as a whole by :func:`pack_dataset`, the same plan and writer.
 
     Args:
         batch: ``{"input_ids": [[...], ...], "labels": [[...], ...]}`` (other columns are ignored).
@@ -130,37 +316,146 @@ def pack_rows(
         >>> packed["labels"]
         [[-100, -100, 8, 9], [-100, 2, 3, -100, 5]]
     """
-    check_max_length(max_length)
-    check_choice("packing_overflow", overflow, PACKING_OVERFLOWS)
-    pieces: list[tuple[list[int], list[int]]] = []
-    split_examples = lost_boundary_targets = 0
-    for input_ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
-        input_ids, labels = list(input_ids), list(labels)
-        if overflow == "truncate" or len(input_ids) <= max_length:
-            pieces.append((input_ids[:max_length], labels[:max_length]))
-            continue
-        cuts, lost = split_points(labels, max_length)
-        split_examples += 1
-        lost_boundary_targets += lost
-        pieces.extend((input_ids[s : s + max_length], labels[s : s + max_length]) for s in (0, *cuts))
-    packed: dict[str, list] = {column: [] for column in PACKING_COLUMNS}
-    for members in best_fit_decreasing([len(ids) for ids, _ in pieces], max_length):
-        row_ids, row_labels, row_positions = [], [], []
-        for member in members:
-            input_ids, labels = pieces[member]
-            row_ids += input_ids
-            # Nothing may be trained to predict this sequence's first token from the previous one.
-            row_labels += [IGNORE_INDEX, *labels[1:]]
-            row_positions += range(len(input_ids))
-        packed["input_ids"].append(row_ids)
-        packed["labels"].append(row_labels)
-        packed["position_ids"].append(row_positions)
-        packed["split_examples"].append(0)
-        packed["lost_boundary_targets"].append(0)
-    if packed["input_ids"]:
-        packed["split_examples"][0] = split_examples
-        packed["lost_boundary_targets"][0] = lost_boundary_targets
+    _check_options(max_length, overflow)
+    list_type = pa.list_(pa.int64())
+    table = pa.table(
+        {
+            name: pa.array([_as_list(row) for row in batch[name]], type=list_type)
+            for name in ("input_ids", "labels")
+        }
+    )
+    plan = plan_packing(_check_aligned(table), max_length, overflow)
+    columns = _packed_columns(table.take(plan.source), plan.start, plan.length, np.diff(plan.row_offsets))
+    packed: dict[str, list] = {name: column.to_pylist() for name, column in columns.items()}
+    counts = {
+        "split_examples": plan.split_examples,
+        "lost_boundary_targets": _lost_boundary_targets(table.take, plan),
+    }
+    for name, total in counts.items():
+        packed[name] = [total] + [0] * (plan.rows - 1) if plan.rows else []
     return packed
+
+
+def _as_list(values: Any) -> Any:
+    return values.tolist() if isinstance(values, (np.ndarray, torch.Tensor)) else values
+
+
+@dataclass
+class PackedDataset:
+    """A packed map-style dataset (columns ``input_ids``, ``labels``, ``position_ids``) and its counts."""
+
+    dataset: datasets.Dataset
+    split_examples: int
+    lost_boundary_targets: int
+
+
+class _PackedRowWriter:
+    """``Dataset.map`` function over the plan's rows (Arrow batches): gathers their pieces' tokens."""
+
+    def __init__(self, encoded: datasets.Dataset, schema: pa.Schema) -> None:
+        self.encoded, self.schema = encoded, schema
+
+    def __call__(self, plan_rows: pa.Table) -> pa.Table:
+        source = plan_rows.column("source")
+        pieces_per_row = pc.list_value_length(source).to_numpy(zero_copy_only=False)
+        flat = {
+            name: pc.list_flatten(plan_rows.column(name)).to_numpy() for name in ("source", "start", "length")
+        }
+        rows = self.encoded[flat["source"].tolist()]
+        return pa.table(_packed_columns(rows, flat["start"], flat["length"], pieces_per_row)).cast(
+            self.schema
+        )
+
+
+def _cache_file(dataset: datasets.Dataset, fingerprint: str) -> str | None:
+    """Where ``map`` would cache a transform of ``dataset``: next to its files (a temporary folder
+    when caching is off), or None (in memory) for an in-memory dataset."""
+    if not dataset.cache_files:
+        return None
+    if datasets.is_caching_enabled():
+        return os.path.join(os.path.dirname(dataset.cache_files[0]["filename"]), f"cache-{fingerprint}.arrow")
+    return os.path.join(get_temporary_cache_files_directory(), f"cache-{generate_random_fingerprint()}.arrow")
+
+
+def pack_dataset(
+    dataset: datasets.Dataset,
+    max_length: int,
+    overflow: PackingOverflow = "truncate",
+    *,
+    desc: str | None = None,
+    new_fingerprint: str | None = None,
+) -> PackedDataset:
+    """Pack a map-style dataset of encoded rows into rows of ``max_length`` (best-fit decreasing, globally).
+
+    Memory does not grow with the dataset: the lengths are read (one int per row) and planned
+    (:func:`plan_packing`), then the packed rows are written ``PACK_WRITE_ROWS`` at a time from the
+    Arrow table by a ``Dataset.map`` over the plan, cached next to ``dataset``'s files under
+    ``new_fingerprint``. The rows are exactly :func:`pack_rows` on the whole dataset at once.
+
+    Args:
+        dataset: columns ``input_ids`` and ``labels`` (int lists of equal lengths); others are ignored.
+        max_length: capacity of a row in tokens.
+        overflow: ``"truncate"`` or ``"split"``, as in :func:`pack_rows`.
+        desc: the progress bar's text.
+        new_fingerprint: the packed dataset's fingerprint (its cache key); by default derived from
+            ``dataset``'s and the options.
+
+    Returns:
+        :class:`PackedDataset`: columns ``input_ids``, ``labels``, ``position_ids`` (``[rows][tokens]``
+        int64) and the split counts of :func:`pack_rows`.
+
+    Examples:
+        >>> import datasets
+        >>> rows = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9]],
+        ...                                    "labels": [[-100, 2, 3], [-100, 5], [-100, -100, 8, 9]]})
+        >>> packed = pack_dataset(rows, max_length=5)
+        >>> packed.dataset["position_ids"]
+        [[0, 1, 2, 3], [0, 1, 2, 0, 1]]
+    """
+    _check_options(max_length, overflow)
+    encoded = dataset.select_columns(["input_ids", "labels"]).with_format("arrow")
+    lengths = np.concatenate(
+        [np.zeros(0, dtype=np.int64)]
+        + [
+            _check_aligned(batch, i * LENGTH_READ_ROWS)
+            for i, batch in enumerate(encoded.iter(LENGTH_READ_ROWS))
+        ]
+    )
+    plan = plan_packing(lengths, max_length, overflow)
+    lost = _lost_boundary_targets(lambda indices: encoded[indices.tolist()], plan)
+    plan_table = pa.table(
+        {
+            name: pa.ListArray.from_arrays(
+                pa.array(plan.row_offsets.astype(np.int32)), pa.array(values, pa.int64())
+            )
+            for name, values in (("source", plan.source), ("start", plan.start), ("length", plan.length))
+        }
+    )
+    fingerprint = new_fingerprint or Hasher.hash([dataset._fingerprint, max_length, overflow, "pack_dataset"])
+    # The token columns keep the encoded dataset's types (datasets stores input_ids as int32).
+    features = datasets.Features(
+        {
+            "input_ids": dataset.features["input_ids"],
+            "labels": dataset.features["labels"],
+            "position_ids": datasets.List(datasets.Value("int64")),
+        }
+    )
+    packed = (
+        datasets.Dataset(plan_table)
+        .with_format("arrow")
+        .map(
+            _PackedRowWriter(encoded, features.arrow_schema),
+            batched=True,
+            batch_size=PACK_WRITE_ROWS,
+            remove_columns=["source", "start", "length"],
+            features=features,
+            desc=desc,
+            new_fingerprint=fingerprint,
+            cache_file_name=_cache_file(dataset, fingerprint),
+        )
+        .with_format(None)
+    )
+    return PackedDataset(packed, plan.split_examples, lost)
 
 
 def check_packing_support(

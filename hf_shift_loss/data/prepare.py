@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from datasets.fingerprint import Hasher
 
 from hf_shift_loss.data.encode import FORMAT_KEYS, Encoder, detect_format
-from hf_shift_loss.data.pack import pack_rows
+from hf_shift_loss.data.pack import pack_dataset, pack_rows
 from hf_shift_loss.data.stats import COUNT_COLUMNS, DataStats
 from hf_shift_loss.data.validate import CHECK_BATCH_ROWS, check_row_vocabulary, check_vocabulary
 from hf_shift_loss.options import (
@@ -128,7 +128,10 @@ def prepare_dataset(
             "desc": f"Encoding the {name} set",
             "new_fingerprint": fingerprint,
         }
-    encoded = dataset.map(encoder, with_indices=True, remove_columns=columns, **map_options)
+    # Whole batches: chat texts and strings are tokenized together by the fast tokenizer.
+    encoded = dataset.map(
+        encoder.encode_batch, batched=True, with_indices=True, remove_columns=columns, **map_options
+    )
 
     stats = None if streamed else _count(encoded, name, on_untrained, vocab_size)
     if stats is not None and not stats.kept_examples:
@@ -151,22 +154,21 @@ def prepare_dataset(
             encoded = encoded.map(
                 pack_rows, batched=True, batch_size=STREAM_PACKING_WINDOW, fn_kwargs=pack_options
             )
+            encoded = encoded.remove_columns(["split_examples", "lost_boundary_targets"])
         else:
-            encoded = encoded.map(
-                pack_rows,
-                batched=True,
-                batch_size=None,  # the whole dataset: packed globally
-                remove_columns=encoded.column_names,
-                fn_kwargs=pack_options,
+            packed = pack_dataset(
+                encoded,
+                max_length,
+                packing_overflow,
                 desc=f"Packing the {name} set",
                 new_fingerprint=Hasher.hash([encoded._fingerprint, pack_options, _code_version()]),
             )
+            encoded = packed.dataset
             stats.packed_rows = len(encoded)
             stats.packed_capacity = len(encoded) * max_length
-            stats.split_examples = int(np.sum(encoded["split_examples"]))
-            stats.lost_boundary_targets = int(np.sum(encoded["lost_boundary_targets"]))
+            stats.split_examples = packed.split_examples
+            stats.lost_boundary_targets = packed.lost_boundary_targets
             stats.trained_tokens -= stats.lost_boundary_targets
-        encoded = encoded.remove_columns(["split_examples", "lost_boundary_targets"])
     return PreparedDataset(dataset=encoded, stats=stats, format=data_format)
 
 
