@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 # How many streamed rows are packed together (a window of an IterableDataset).
 STREAM_PACKING_WINDOW = 1000
+# Rows encoded per batch: one tokenizer call each; what the encoding holds at once (ids, offsets).
+ENCODE_BATCH_ROWS = 100
 
 
 @dataclass
@@ -130,7 +132,13 @@ def prepare_dataset(
         }
     # Whole batches: chat texts and strings are tokenized together by the fast tokenizer.
     encoded = dataset.map(
-        encoder.encode_batch, batched=True, with_indices=True, remove_columns=columns, **map_options
+        _encode_batch,
+        batched=True,
+        batch_size=ENCODE_BATCH_ROWS,
+        with_indices=True,
+        remove_columns=columns,
+        fn_kwargs={"encoder": encoder, "as_arrays": not streamed},
+        **map_options,
     )
 
     stats = None if streamed else _count(encoded, name, on_untrained, vocab_size)
@@ -170,6 +178,17 @@ def prepare_dataset(
             stats.lost_boundary_targets = packed.lost_boundary_targets
             stats.trained_tokens -= stats.lost_boundary_targets
     return PreparedDataset(dataset=encoded, stats=stats, format=data_format)
+
+
+def _encode_batch(
+    batch: dict[str, list], indices: list[int], encoder: Encoder, as_arrays: bool
+) -> dict[str, list]:
+    """:meth:`Encoder.encode_batch`; ``as_arrays``: the token columns as int64 arrays, which a map-style
+    dataset writes without inspecting every value (the values and the stored types are those of lists)."""
+    encoded = encoder.encode_batch(batch, indices)
+    for column in ("input_ids", "labels") if as_arrays else ():
+        encoded[column] = [np.asarray(values, dtype=np.int64) for values in encoded[column]]
+    return encoded
 
 
 @functools.cache
