@@ -27,14 +27,11 @@ subprocess plumbing (``measure``): a worker process runs one case and prints one
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import random
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -42,7 +39,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_common import loadavg, reset_peak_rss, resident_bytes, write_section
+from harness import (
+    command_line,
+    device_description,
+    loadavg,
+    reset_peak_rss,
+    resident_bytes,
+    run_worker,
+    save_results,
+    serve_worker,
+    write_section,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results_data.json"
@@ -135,9 +142,10 @@ def run_trainer_case(case: dict, data_dir: str, work_dir: str) -> dict:
     train = datasets.load_from_disk(fresh)
     reset_peak_rss()  # the peak of the preparation, not of loading the GGUF tokenizer
     rss_before = resident_bytes("VmRSS")
-    started = time.perf_counter()
-    trainer = build_trainer(case["implementation"], case["layout"], train, tokenizer, model, work_dir)
-    seconds = time.perf_counter() - started
+    with AnonPeak() as anon:
+        started = time.perf_counter()
+        trainer = build_trainer(case["implementation"], case["layout"], train, tokenizer, model, work_dir)
+        seconds = time.perf_counter() - started
     prepared = trainer.train_dataset
     tokens = sum(
         len(ids)
@@ -150,6 +158,7 @@ def run_trainer_case(case: dict, data_dir: str, work_dir: str) -> dict:
         "rows_per_s": round(case["rows"] / seconds, 1),
         "peak_rss_mib": round(resident_bytes("VmHWM") / MiB),
         "rss_before_mib": round(rss_before / MiB),
+        "peak_anon_mib": round(anon.peak / MiB),
         "prepared_rows": len(prepared),
         "prepared_tokens": tokens,
     }
@@ -258,26 +267,15 @@ def prepare_data(case: dict, root: str) -> str:
 
 
 def measure(case: dict, data_dir: str) -> dict:
-    """Run one case in its own process with a fresh datasets cache; its JSON line."""
+    """Run one case in its own process (:func:`harness.run_worker`) with a fresh datasets cache."""
     with tempfile.TemporaryDirectory(prefix="bench_data_") as work_dir:
         env = {
-            **os.environ,
             "HF_DATASETS_CACHE": os.path.join(work_dir, "datasets_cache"),
             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-            "TOKENIZERS_PARALLELISM": "true",
+            "TOKENIZERS_PARALLELISM": "true",  # the batch tokenizer may use both cores
             "OMP_NUM_THREADS": "1",
         }
-        spec = json.dumps({"case": case, "data_dir": data_dir, "work_dir": work_dir})
-        result = subprocess.run(
-            [sys.executable, __file__, "--worker", spec], capture_output=True, text=True, env=env, check=False
-        )
-    if result.returncode != 0:
-        raise RuntimeError(f"worker {case} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def device_description() -> str:
-    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+        return run_worker(__file__, {"case": case, "data_dir": data_dir, "work_dir": work_dir}, env)
 
 
 def section_text(saved: dict) -> str:
@@ -330,9 +328,9 @@ def section_text(saved: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    if serve_worker(run_case):
+        return
+    parser = command_line(__doc__)
     parser.add_argument(
         "--sizes", default=",".join(map(str, SIZES)), help="comma-separated conversation counts"
     )
@@ -343,13 +341,7 @@ def main() -> None:
     parser.add_argument(
         "--data-root", help="where the generated inputs are kept between runs (default: a temp dir)"
     )
-    parser.add_argument("--from-json", type=Path, help="rewrite the docs from saved results, measure nothing")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        spec = json.loads(args.worker)
-        print(json.dumps(run_case(spec["case"], spec["data_dir"], spec["work_dir"])))
-        return
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
     else:
@@ -372,20 +364,17 @@ def main() -> None:
             # Saved after every case, so that an interrupted run keeps what it measured.
             kept = [r for r in previous.get("results", []) if not any(_same_case(r, new) for new in results)]
             saved = {
-                "device": device_description(),
+                "device": device_description("cpu"),
                 "loadavg_before": load_before,
                 "loadavg_after": loadavg(),
                 "seconds": round(time.perf_counter() - started),
-                "analysis": previous.get("analysis", ""),  # written by hand, kept across runs
                 "results": kept + results,
             }
-            RESULTS.write_text(json.dumps(saved, indent=1) + "\n")
+            saved = save_results(RESULTS, saved)  # keeps the analysis written by hand
         if not args.data_root:
             shutil.rmtree(root, ignore_errors=True)
     print(section_text(saved))
-    write_section(
-        REPO / "docs" / "performance.md", SECTION_HEADING, section_text(saved), before=BEFORE_HEADING
-    )
+    write_section(SECTION_HEADING, section_text(saved), before=BEFORE_HEADING)
 
 
 def _same_case(a: dict, b: dict) -> bool:

@@ -15,6 +15,7 @@ BENCHMARKS = REPO / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import bench_compile  # noqa: E402
+import bench_data  # noqa: E402
 import bench_loss  # noqa: E402
 import bench_sft  # noqa: E402
 import harness  # noqa: E402
@@ -41,6 +42,11 @@ def test_sft_section_regenerates_unchanged() -> None:
 def test_compile_section_regenerates_unchanged() -> None:
     saved = json.loads((BENCHMARKS / "results_compile.json").read_text())
     assert bench_compile.section_text(saved).rstrip("\n") == committed_section(bench_compile.SECTION_HEADING)
+
+
+def test_data_section_regenerates_unchanged() -> None:
+    saved = json.loads((BENCHMARKS / "results_data.json").read_text())
+    assert bench_data.section_text(saved).rstrip("\n") == committed_section(bench_data.SECTION_HEADING)
 
 
 def test_markdown_table() -> None:
