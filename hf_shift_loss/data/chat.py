@@ -585,31 +585,13 @@ def _label(
     return _Encoded(text, rendered.spans, input_ids, offsets, labels)
 
 
-def _encode(
-    tokenizer: Any,
-    messages: Sequence[Mapping[str, Any]],
-    *,
-    train_roles: tuple[str, ...],
-    train_end_of_turn: EndOfTurnMode,
-    last_turn_only: bool,
-    chat_template_kwargs: Mapping[str, Any],
-    example_index: int | None,
-    first_trainable: int = 0,
-    cache: dict | None = None,
-) -> _Encoded:
-    """Render (plus one sentinel render), locate, tokenize once and label one conversation."""
-    rendered = _render(
-        tokenizer,
-        messages,
-        train_roles=train_roles,
-        train_end_of_turn=train_end_of_turn,
-        last_turn_only=last_turn_only,
-        chat_template_kwargs=chat_template_kwargs,
-        example_index=example_index,
-        first_trainable=first_trainable,
-        cache=cache,
+def _encode(tokenizer: Any, messages: Sequence[Mapping[str, Any]], **options: Any) -> _Encoded:
+    """Render (plus one sentinel render), locate, tokenize once and label one conversation
+    (``options``: :func:`_render`'s keywords)."""
+    rendered = _render(tokenizer, messages, **options)
+    return _label(
+        tokenizer, rendered, options["chat_template_kwargs"], options["example_index"], options.get("cache")
     )
-    return _label(tokenizer, rendered, chat_template_kwargs, example_index, cache)
 
 
 def _exchanges(messages: Sequence[Mapping[str, Any]]) -> tuple[int, list[int]]:
