@@ -186,7 +186,16 @@ def recipe_inputs(
     source, gguf_file = reader.model_source(recipe)
     tokenizer = reader.load_tokenizer(source, gguf_file=gguf_file)
     train_rows, held_out, data_source = reader.load_splits(recipe)
-    options = {**args.encoder_options(), "packing": args.packing, "packing_overflow": args.packing_overflow}
+    from hf_shift_loss.data.encode import detect_format
+    from hf_shift_loss.data.prepare import dataset_columns
+
+    # TRL's completion_only_loss/assistant_only_loss are read for the data's format, as training does.
+    data_format = detect_format(dataset_columns(train_rows))
+    options = {
+        **args.encoder_options(data_format),
+        "packing": args.packing,
+        "packing_overflow": args.packing_overflow,
+    }
     rows = f"{len(train_rows)} training rows (the last {len(held_out)} held out"
     rows += f", the first {recipe.max_train_rows} kept)" if recipe.max_train_rows is not None else ")"
     about = {

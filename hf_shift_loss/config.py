@@ -21,18 +21,22 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from hf_shift_loss.data.chat import DEFAULT_END_OF_TURN, DEFAULT_TRAIN_ROLES
+from hf_shift_loss.loss.weighting import token_weighting
 from hf_shift_loss.options import (
     EndOfTurnMode,
     LossImpl,
+    LossTypeOrAlias,
     OnUntrained,
     PackingOverflow,
     TrainOn,
+    TruncationMode,
     check_choice,
     check_chunk_size,
     check_loss_options,
     check_max_length,
     check_packing,
 )
+from hf_shift_loss.trl_fields import apply_trl_aliases
 
 __all__ = ["ShiftLossArguments", "parse_config"]
 
@@ -127,6 +131,81 @@ class ShiftLossArguments(TrainingArguments):
             "help": "from_pretrained arguments when the model is given by name (dtype, device_map...)."
         },
     )
+    truncation_mode: TruncationMode = field(
+        default="auto",
+        metadata={
+            "help": "How a row longer than max_length is cut. 'auto': by format (prompt tokens first, oldest chat "
+            "exchanges first, else the tail). 'keep_start' / 'keep_end': the first / last max_length tokens of "
+            "the encoded row, whatever the format (TRL's modes)."
+        },
+    )
+    split_special_tokens: bool = field(
+        default=False,
+        metadata={
+            "help": "Tokenize the content of text and prompt/completion rows as plain text, so '<|im_start|>' typed "
+            "in it is not the control token (rows holding one are counted: data/special_tokens_in_content)."
+        },
+    )
+    dataset_text_field: str = field(
+        default="text",
+        metadata={"help": "The column of a text dataset (TRL's name), read as 'text'."},
+    )
+    eval_packing: bool | None = field(
+        default=None, metadata={"help": "Pack the evaluation sets (None: as packing)."}
+    )
+    shuffle_dataset: bool = field(
+        default=False,
+        metadata={
+            "help": "With packing, shuffle the encoded rows (seed: args.seed) before packing them (TRL's)."
+        },
+    )
+    eos_token: str | None = field(
+        default=None,
+        metadata={
+            "help": "A token of the vocabulary that becomes the tokenizer's eos_token (text and completions end "
+            "with it) and is added to the model's eos ids, as TRL does. None: the tokenizer's."
+        },
+    )
+    chat_template_path: str | None = field(
+        default=None,
+        metadata={"help": "A .jinja/.j2 file whose template replaces the tokenizer's chat template."},
+    )
+    completion_only_loss: bool | None = field(
+        default=None,
+        metadata={
+            "help": "TRL's switch, read as train_on per dataset format: None/True trains the completion of "
+            "prompt/completion rows, False every token. None with assistant_only_loss None: train_on decides."
+        },
+    )
+    assistant_only_loss: bool | None = field(
+        default=None,
+        metadata={
+            "help": "TRL's switch, read as train_on per dataset format: True trains the assistant turns of "
+            "messages rows (train_on='completion'), False every token (TRL's default). None: train_on decides."
+        },
+    )
+    # ---------------------------------------------------- TRL names: moved onto ours or refused (trl_fields.py)
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "TRL's name of num_proc."})
+    packing_strategy: str | None = field(
+        default=None,
+        metadata={"help": "TRL's name: 'bfd' is packing_overflow='truncate', 'bfd_split' is 'split'."},
+    )
+    trust_remote_code: bool | None = field(
+        default=None,
+        metadata={"help": "TRL's: sets model_init_kwargs['trust_remote_code'] (and loads the tokenizer so)."},
+    )
+    dataset_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "TRL's; refused: pass a data_collator to skip preparation."}
+    )
+    activation_offloading: bool | None = field(
+        default=None, metadata={"help": "TRL's; refused: use gradient_checkpointing."}
+    )
+    pad_token: str | None = field(
+        default=None, metadata={"help": "TRL's (deprecated there); refused: set tokenizer.pad_token."}
+    )
+    router_aux_loss_coef: float | None = field(
+        default=None, metadata={"help": "TRL's; refused: set the model config's router_aux_loss_coef."}
+    )
     # ------------------------------------------------------------------------------------------ loss
     loss_impl: LossImpl = field(
         default="auto",
@@ -152,9 +231,25 @@ class ShiftLossArguments(TrainingArguments):
             "and of not reporting out-of-range labels. None: on exactly when torch_compile is."
         },
     )
+    loss_type: LossTypeOrAlias = field(
+        default="nll",
+        metadata={
+            "help": "'nll': the cross-entropy ('chunked_nll': TRL's deprecated alias). 'dft': Dynamic Fine-Tuning, "
+            "each token's loss times its detached target probability (TRL's), on the eager and the fused loss."
+        },
+    )
+    log_entropy: bool = field(
+        default=True,
+        metadata={
+            "help": "Log entropy, the mean entropy of the predicted distribution over trained tokens (TRL's; "
+            "per chunk on the fused path, one more pass over the logits on the eager one)."
+        },
+    )
     log_token_accuracy: bool = field(
         default=True,
-        metadata={"help": "Log the argmax accuracy over trained tokens (costs one argmax per chunk)."},
+        metadata={
+            "help": "Log mean_token_accuracy, the argmax accuracy over trained tokens (one argmax per chunk)."
+        },
     )
     # ------------------------------------------------------------------------ changed inherited defaults
     remove_unused_columns: bool = field(
@@ -173,10 +268,25 @@ class ShiftLossArguments(TrainingArguments):
         super().__post_init__()
         if self.dataloader_pin_memory and not torch.accelerator.is_available():
             self.dataloader_pin_memory = False  # nothing to pin for: torch would warn on every data loader
-        for name in ("chat_template_kwargs", "model_init_kwargs"):
+        for name in ("chat_template_kwargs", "model_init_kwargs", "dataset_kwargs"):
             value = getattr(self, name)
             if isinstance(value, str):
                 setattr(self, name, json.loads(value))
+        apply_trl_aliases(self)
+        if self.pad_to_multiple_of == "auto":  # TRL's default: 128 on Neuron only, none elsewhere
+            self.pad_to_multiple_of = None
+        if self.loss_type == "chunked_nll":  # TRL's deprecated alias
+            self.loss_type = "nll"
+        token_weighting(self.loss_type, label_smoothing=self.label_smoothing_factor, z_loss=self.z_loss)
+        if self.use_liger_kernel:
+            _liger_without_its_cross_entropy(self)
+        if (self.completion_only_loss is not None or self.assistant_only_loss is not None) and (
+            self.train_on != "completion"
+        ):
+            raise ValueError(
+                f"train_on={self.train_on!r} and TRL's completion_only_loss/assistant_only_loss are both set; set "
+                "one of them (docs/migrating-from-trl.md: what each TRL switch becomes)"
+            )
         if isinstance(self.train_roles, str):
             self.train_roles = [self.train_roles]
         # The consumers' own checks (encoder, packer, loss), made here too so a bad value fails at parse
@@ -190,31 +300,73 @@ class ShiftLossArguments(TrainingArguments):
         for name, choices in _choices().items():
             check_choice(name, getattr(self, name), choices)
 
-    def encoder_options(self) -> dict[str, Any]:
+    def encoder_options(self, data_format: str | None = None) -> dict[str, Any]:
         """The keyword arguments of :class:`hf_shift_loss.data.Encoder` these arguments set: what is
         trained and how long a row may be (the trainer and ``hf-shift-loss inspect --config`` encode with
-        exactly these).
+        exactly these). ``data_format`` (:func:`hf_shift_loss.data.detect_format`) is needed only when
+        TRL's ``completion_only_loss``/``assistant_only_loss`` are set (:meth:`train_on_for`).
 
         Examples:
             >>> ShiftLossArguments(output_dir="out", max_length=256).encoder_options()
-            {'max_length': 256, 'train_on': 'completion', 'train_roles': ('assistant',), 'train_end_of_turn': 'turn', 'chat_template_kwargs': {}}
+            {'max_length': 256, 'train_on': 'completion', 'train_roles': ('assistant',), 'train_end_of_turn': 'turn', 'chat_template_kwargs': {}, 'truncation_mode': 'auto', 'split_special_tokens': False}
         """
         return {
             "max_length": self.max_length,
-            "train_on": self.train_on,
+            "train_on": self.train_on_for(data_format),
             "train_roles": tuple(self.train_roles),
             "train_end_of_turn": self.train_end_of_turn,
             "chat_template_kwargs": self.chat_template_kwargs or {},
+            "truncation_mode": self.truncation_mode,
+            "split_special_tokens": self.split_special_tokens,
         }
+
+    def train_on_for(self, data_format: str | None) -> str:
+        """``train_on`` for a dataset of ``data_format``: TRL's two switches read as TRL reads them.
+
+        Without ``completion_only_loss`` and ``assistant_only_loss`` (both None), ``train_on``. With
+        either set (an ``SFTConfig`` always sets ``assistant_only_loss``): prompt/completion rows train
+        the completion unless ``completion_only_loss=False``; ``messages`` rows train the assistant turns
+        (``train_roles``) only with ``assistant_only_loss=True``, else every token; text rows every
+        token; pre-tokenized rows their labels.
+
+        Examples:
+            >>> args = ShiftLossArguments(output_dir="out", assistant_only_loss=False)
+            >>> args.train_on_for("messages"), args.train_on_for("prompt_completion")
+            ('all', 'completion')
+        """
+        if self.completion_only_loss is None and self.assistant_only_loss is None:
+            return self.train_on
+        if data_format is None:
+            raise ValueError(
+                "with completion_only_loss/assistant_only_loss set, what is trained depends on the dataset "
+                "format: pass encoder_options(data_format)"
+            )
+        if data_format == "prompt_completion":
+            if self.completion_only_loss is False and self.assistant_only_loss:
+                raise ValueError(
+                    "completion_only_loss=False with assistant_only_loss=True (the assistant turns of the prompt "
+                    "too) is not supported for prompt/completion rows; put the conversation in a 'messages' "
+                    "column, or keep completion_only_loss=True"
+                )
+            return "all" if self.completion_only_loss is False else "completion"
+        if data_format == "messages":
+            return "completion" if self.assistant_only_loss else "all"
+        return "completion" if data_format == "tokenized" else "all"
 
     @classmethod
     def from_training_arguments(cls, args: TrainingArguments | None) -> ShiftLossArguments:
         """``args`` as ``ShiftLossArguments``: the same values, and this class's defaults for the rest.
 
-        ``None`` gives the defaults with ``output_dir="trainer_output"``, as ``Trainer`` does. Fields of a
-        ``TrainingArguments`` subclass (TRL's ``SFTConfig``) that mean the same here are carried over
-        (``max_length``, ``packing``, ``dataset_num_proc`` as ``num_proc``, ...); the others are named in
-        one warning, never dropped silently.
+        ``None`` gives the defaults with ``output_dir="trainer_output"``, as ``Trainer`` does. The fields
+        of TRL's ``SFTConfig`` are carried over as :data:`hf_shift_loss.trl_fields.TRL_FIELDS` says (the
+        same field, an alias, or a ``ValueError`` naming the replacement when set); a field of any other
+        ``TrainingArguments`` subclass that has no equivalent here raises when it is not at its default.
+        Nothing that changes what is trained is dropped.
+
+        Examples:
+            >>> from transformers import TrainingArguments
+            >>> ShiftLossArguments.from_training_arguments(TrainingArguments(output_dir="out")).max_length
+            1024
         """
         if isinstance(args, cls):
             return args
@@ -236,26 +388,35 @@ class ShiftLossArguments(TrainingArguments):
             if values.get(name) == base_defaults[name]:
                 del values[name]
         ours = {f.name for f in dataclasses.fields(cls) if f.init}
-        ignored = []
+        unknown = []
         for f in dataclasses.fields(args):
             if not f.init or f.name in values or f.name.startswith("_") or f.name in base_defaults:
                 continue
-            name = _SAME_MEANING.get(f.name, f.name)
-            if name in ours:
-                values[name] = getattr(args, f.name)
+            if f.name in ours:  # ours, or a TRL field (trl_fields.TRL_FIELDS) mapped in __post_init__
+                values[f.name] = getattr(args, f.name)
             elif getattr(args, f.name) != f.default:
-                ignored.append(f"{f.name}={getattr(args, f.name)!r}")
-        if ignored:
-            logger.warning(
-                "%s fields with no ShiftLossArguments equivalent are ignored: %s (see docs/migrating-from-trl.md)",
-                type(args).__name__,
-                ", ".join(ignored),
+                unknown.append(f"{f.name}={getattr(args, f.name)!r}")
+        if unknown:
+            raise ValueError(
+                f"{type(args).__name__} fields with no ShiftLossArguments equivalent: {', '.join(unknown)}; "
+                "leave them at their defaults or find what replaces them in docs/migrating-from-trl.md"
             )
         return cls(**values)
 
 
-# Fields of TRL's SFTConfig that mean what another name means here.
-_SAME_MEANING = {"dataset_num_proc": "num_proc"}
+def _liger_without_its_cross_entropy(args: ShiftLossArguments) -> None:
+    """``use_liger_kernel=True``: Liger's kernels (RMSNorm, RoPE, SwiGLU) with our loss, never Liger's fused
+    cross-entropy, which would replace the model's forward underneath this package's loss (as TRL does)."""
+    config = dict(args.liger_kernel_config or {})
+    if config.get("fused_linear_cross_entropy"):
+        raise ValueError(
+            "liger_kernel_config={'fused_linear_cross_entropy': True} would replace the model's forward under this "
+            "package's loss; leave it out (Liger's other kernels still apply) and use loss_impl='fused' (the "
+            "default 'auto' picks it) for a loss without [batch, seq, vocab] logits"
+        )
+    args.liger_kernel_config = {**config, "fused_linear_cross_entropy": False}
+
+
 _CHANGED_DEFAULTS = ("remove_unused_columns", "prediction_loss_only", "ddp_find_unused_parameters")
 
 

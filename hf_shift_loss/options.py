@@ -19,16 +19,21 @@ from typing import Literal, get_args
 __all__ = [
     "END_OF_TURN_MODES",
     "LOSS_IMPLS",
+    "LOSS_TYPES",
     "ON_UNTRAINED",
     "PACKING_OVERFLOWS",
     "REDUCTIONS",
     "TRAIN_ON",
+    "TRUNCATION_MODES",
     "EndOfTurnMode",
     "LossImpl",
+    "LossType",
+    "LossTypeOrAlias",
     "OnUntrained",
     "PackingOverflow",
     "Reduction",
     "TrainOn",
+    "TruncationMode",
     "check_choice",
     "check_chunk_size",
     "check_loss_options",
@@ -49,6 +54,12 @@ LossImpl = Literal["auto", "eager", "fused"]
 """How the loss runs on a model: full logits, the chunked fused lm_head + cross-entropy, or chosen."""
 Reduction = Literal["mean", "sum", "none"]
 """How the per-token losses are reduced (see :func:`hf_shift_loss.causal_lm_loss`)."""
+TruncationMode = Literal["auto", "keep_start", "keep_end"]
+"""How a row longer than ``max_length`` is cut: by format, or TRL's first / last ``max_length`` tokens."""
+LossType = Literal["nll", "dft"]
+"""The per-token loss: the cross-entropy, or DFT's weighting of it (:mod:`hf_shift_loss.loss.weighting`)."""
+LossTypeOrAlias = Literal[LossType, "chunked_nll"]
+"""``LossType`` or TRL's deprecated ``"chunked_nll"`` (= ``"nll"``), as ``ShiftLossArguments`` takes it."""
 
 TRAIN_ON: tuple[str, ...] = get_args(TrainOn)
 END_OF_TURN_MODES: tuple[str, ...] = get_args(EndOfTurnMode)
@@ -56,6 +67,8 @@ ON_UNTRAINED: tuple[str, ...] = get_args(OnUntrained)
 PACKING_OVERFLOWS: tuple[str, ...] = get_args(PackingOverflow)
 LOSS_IMPLS: tuple[str, ...] = get_args(LossImpl)
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
+TRUNCATION_MODES: tuple[str, ...] = get_args(TruncationMode)
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

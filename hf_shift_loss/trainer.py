@@ -14,7 +14,8 @@ What it adds to the stock Trainer, in the order of a run:
 
    Each micro-batch contributes ``sum / global_count``; with ``average_tokens_across_devices`` the
    data-parallel gradient average over W ranks is undone by multiplying by W.
-3. Logs: token accuracy and trained tokens per step (reduced over ranks), the data statistics, and an
+3. Logs: token accuracy (``mean_token_accuracy``), input tokens seen (``num_tokens``) and trained tokens
+   per step (reduced over ranks), the data statistics, and an
    exact token-mean ``eval_loss`` with perplexity.
 
 The math lives in ``loss.py`` / ``fused.py``; this module only orchestrates and logs.
@@ -24,12 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import datasets
@@ -42,12 +44,14 @@ from transformers.trainer_utils import get_last_checkpoint
 from hf_shift_loss.checkpoint import STATE_KEY, check_checkpoint
 from hf_shift_loss.config import ShiftLossArguments
 from hf_shift_loss.data.batch import Batcher, resolve_pad_token_id
-from hf_shift_loss.data.encode import Encoder
-from hf_shift_loss.data.load import load_tokenizer
+from hf_shift_loss.data.encode import Encoder, detect_format
+from hf_shift_loss.data.formats import apply_trl_dataset_options
+from hf_shift_loss.data.load import load_tokenizer, set_tokenizer_options
 from hf_shift_loss.data.pack import check_packing_support
-from hf_shift_loss.data.prepare import PreparedDataset, prepare_dataset
+from hf_shift_loss.data.prepare import PreparedDataset, dataset_columns, prepare_dataset
 from hf_shift_loss.data.stats import DataStats
 from hf_shift_loss.loss import EagerLoss, FusedLoss, choose_loss_path, count_trained_tokens
+from hf_shift_loss.model_card import MODEL_TAGS, base_model_id, model_card
 
 __all__ = ["ShiftLossArguments", "ShiftLossTrainer"]
 
@@ -71,6 +75,8 @@ class ShiftLossTrainer(Trainer):
             evaluation. Rows in any format of :mod:`hf_shift_loss.data.encode`.
         processing_class: the tokenizer; optional when ``model`` is a name.
         peft_config: a peft config (e.g. ``LoraConfig``) applied to the model.
+        formatting_func: as in TRL, ``row -> text`` (or ``-> messages``) applied to every raw row
+            before it is encoded (:func:`hf_shift_loss.data.formats.apply_trl_dataset_options`).
         **kwargs: the other ``Trainer`` arguments (callbacks, optimizers, ...).
 
     Examples:
@@ -96,6 +102,7 @@ class ShiftLossTrainer(Trainer):
         eval_dataset: Any = None,
         processing_class: Any = None,
         peft_config: Any = None,
+        formatting_func: Callable[[dict[str, Any]], Any] | None = None,
         **kwargs: Any,
     ) -> None:
         if kwargs.get("compute_loss_func") is not None:
@@ -105,13 +112,23 @@ class ShiftLossTrainer(Trainer):
             )
         args = ShiftLossArguments.from_training_arguments(args)
         if isinstance(model, str):
+            model_init_kwargs = args.model_init_kwargs or {}
             if processing_class is None:
-                processing_class = load_tokenizer(model)
-            model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
+                processing_class = load_tokenizer(
+                    model, trust_remote_code=bool(model_init_kwargs.get("trust_remote_code"))
+                )
+            model = AutoModelForCausalLM.from_pretrained(model, **model_init_kwargs)
+        if processing_class is not None:
+            _set_tokenizer_and_model_options(processing_class, model, args)
         if peft_config is not None:
             model = _apply_peft(model, peft_config, args.gradient_checkpointing)
         self.data_stats: dict[str, DataStats | None] = {}
         self._data_formats: dict[str, str] = {}
+        if formatting_func is not None and data_collator is not None:
+            raise ValueError(
+                "formatting_func applies when the trainer prepares the datasets, but a data_collator is given (it "
+                "gets the raw rows): apply the function in the collator or with dataset.map, or drop the collator"
+            )
         if data_collator is None and (train_dataset is not None or eval_dataset is not None):
             if processing_class is None:
                 raise ValueError(
@@ -123,17 +140,19 @@ class ShiftLossTrainer(Trainer):
                 args.pad_to_multiple_of,
                 padding_free=args.padding_free,
             )
-            encoder = Encoder(processing_class, **args.encoder_options())
             embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-            vocab_size = getattr(embeddings, "num_embeddings", None)
-            train_dataset = self._prepare(args, encoder, _train_split(train_dataset), "train", vocab_size)
+            prepare = functools.partial(
+                self._prepare,
+                args,
+                processing_class,
+                vocab_size=getattr(embeddings, "num_embeddings", None),
+                formatting_func=formatting_func,
+            )
+            train_dataset = prepare(_train_split(train_dataset), "train")
             if isinstance(eval_dataset, dict):
-                eval_dataset = {
-                    key: self._prepare(args, encoder, value, f"eval:{key}", vocab_size)
-                    for key, value in eval_dataset.items()
-                }
+                eval_dataset = {key: prepare(value, f"eval:{key}") for key, value in eval_dataset.items()}
             else:
-                eval_dataset = self._prepare(args, encoder, eval_dataset, "eval", vocab_size)
+                eval_dataset = prepare(eval_dataset, "eval")
         super().__init__(
             model=model,
             args=args,
@@ -143,6 +162,8 @@ class ShiftLossTrainer(Trainer):
             processing_class=processing_class,
             **kwargs,
         )
+        if hasattr(self.model, "add_model_tags"):  # pushed models carry them, as TRL's "trl", "sft"
+            self.model.add_model_tags(list(MODEL_TAGS))
         # The stock label smoother would compute a second loss; label_smoothing_factor goes to our loss.
         self.label_smoother = None
         self._loss_metrics = _LossMetrics()
@@ -165,20 +186,41 @@ class ShiftLossTrainer(Trainer):
 
     # ------------------------------------------------------------------ setup
     def _prepare(
-        self, args: ShiftLossArguments, encoder: Encoder, dataset: Any, name: str, vocab_size: int | None
+        self,
+        args: ShiftLossArguments,
+        tokenizer: Any,
+        dataset: Any,
+        name: str,
+        *,
+        vocab_size: int | None,
+        formatting_func: Callable[[dict[str, Any]], Any] | None,
     ) -> Any:
         if dataset is None:
             return None
+        packing = args.packing if name == "train" or args.eval_packing is None else args.eval_packing
         with args.main_process_first(desc=f"preparing the {name} set"):
+            dataset = apply_trl_dataset_options(
+                dataset,
+                formatting_func=formatting_func,
+                dataset_text_field=args.dataset_text_field,
+                completion_only=args.train_on_for("prompt_completion") == "completion",
+                name=name,
+            )
+            columns = dataset_columns(dataset, name)
+            # No column: an empty dataset, which prepare_dataset refuses by name before encoding anything.
+            options = (
+                args.encoder_options(detect_format(columns)) if columns else {"max_length": args.max_length}
+            )
             prepared: PreparedDataset = prepare_dataset(
                 dataset,
-                encoder,
-                packing=args.packing,
+                Encoder(tokenizer, **options),
+                packing=packing,
                 packing_overflow=args.packing_overflow,
                 on_untrained=args.on_untrained,
                 num_proc=args.num_proc,
                 name=name,
                 vocab_size=vocab_size,
+                shuffle_seed=args.seed if args.shuffle_dataset else None,
             )
         self.data_stats[name] = prepared.stats
         self._data_formats[name] = prepared.format
@@ -251,6 +293,65 @@ class ShiftLossTrainer(Trainer):
                 saved, self.args.process_index, self.args.world_size, self.args.device
             )
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Stock ``save_model``, plus the model card (``README.md``, :meth:`create_model_card`) next to the
+        weights: a full model, a peft adapter and every checkpoint get one."""
+        super().save_model(output_dir, _internal_call)
+        self._write_model_card(output_dir or self.args.output_dir)
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | list[str] | None = None,
+        tags: str | list[str] | None = None,
+        *,
+        finetuned_from: str | None = None,
+        dataset: str | list[str] | None = None,
+        **card_data: Any,
+    ) -> None:
+        """Write ``README.md`` in ``args.output_dir`` (what ``push_to_hub`` uploads): TRL's card (base
+        model, dataset, tags, quick start, versions) plus the run summary (loss path, what was trained,
+        data counts). No network. ``finetuned_from`` and ``dataset`` are the stock names of
+        ``base_model`` and ``dataset_name``; other keywords (``license``, ``language``, ...) go to the
+        card's metadata as given.
+        """
+        self._write_model_card(
+            self.args.output_dir,
+            model_name=model_name,
+            dataset_name=dataset_name or dataset,
+            tags=[tags] if isinstance(tags, str) else tags,
+            base_model=finetuned_from,
+            card_data=card_data,
+        )
+
+    def _write_model_card(
+        self,
+        folder: str,
+        *,
+        model_name: str | None = None,
+        dataset_name: str | list[str] | None = None,
+        tags: list[str] | None = None,
+        base_model: str | None = None,
+        card_data: dict[str, Any] | None = None,
+    ) -> None:
+        if not self.is_world_process_zero():
+            return
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        hub_model_id = self.args.hub_model_id
+        text = model_card(
+            model_name=model_name or (hub_model_id or os.path.abspath(folder)).rstrip("/").split("/")[-1],
+            base_model=base_model or base_model_id(getattr(base, "config", None)),
+            run_summary=self.run_summary(),
+            dataset_name=dataset_name,
+            hub_model_id=hub_model_id,
+            tags=[*(tags or []), *(getattr(unwrapped, "model_tags", None) or [])],
+            card_data=card_data,
+        )
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as file:
+            file.write(text)
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         """Stock RNG restore; then the stock loss window since the last log line, saved with the checkpoint
@@ -346,6 +447,7 @@ class ShiftLossTrainer(Trainer):
                 chunk_size=self.args.fused_chunk_size,
                 fsdp_version=self._fsdp_version(),
                 zero3=self._zero3_config(),
+                loss_type=self.args.loss_type,
                 sync_free=self.args.torch_compile
                 if self.args.fused_sync_free is None
                 else self.args.fused_sync_free,
@@ -410,8 +512,8 @@ class ShiftLossTrainer(Trainer):
         training = model.training
         path = self.loss_path(model)
         if not training and not self.args.prediction_loss_only:  # compute_metrics needs the logits
-            path = EagerLoss(path.label_smoothing, path.z_loss, path.router_aux_loss_coef)
-        loss, correct, outputs, router_loss = path(
+            path = EagerLoss(path.label_smoothing, path.z_loss, path.router_aux_loss_coef, path.loss_type)
+        loss, correct, outputs, router_loss, entropy_sum = path(
             model,
             model_inputs,
             targets,
@@ -419,6 +521,7 @@ class ShiftLossTrainer(Trainer):
             reduction="mean" if training else "none",
             num_items_in_batch=num_items_in_batch if training else None,
             count_correct=training and self.args.log_token_accuracy,
+            measure_entropy=training and self.args.log_entropy,
         )
         trained_tokens = count_trained_tokens(targets, shift=shift, per_row=True).to(loss.device)
         if not training:  # evaluation: per-row sums and counts, for the exact token mean of the eval set
@@ -433,7 +536,9 @@ class ShiftLossTrainer(Trainer):
         if training and router_loss is not None:  # MoE: as the model adds it, averaged over micro-batches
             loss = loss + router_loss / getattr(self, "current_gradient_accumulation_steps", 1)
         if training:
-            self._loss_metrics.add(trained_tokens.sum(), correct)
+            self._loss_metrics.add(
+                trained_tokens.sum(), correct, _count_input_tokens(model_inputs), entropy_sum
+            )
         return (loss, outputs) if return_outputs else loss
 
     def _add_eval_rows(self, row_sums: torch.Tensor, row_tokens: torch.Tensor) -> None:
@@ -503,6 +608,21 @@ class ShiftLossTrainer(Trainer):
         return output
 
 
+def _set_tokenizer_and_model_options(tokenizer: Any, model: nn.Module, args: ShiftLossArguments) -> None:
+    """TRL's ``eos_token`` and ``chat_template_path``: on the tokenizer, and ``eos_token`` also among the
+    model's eos ids (config and generation config), so generation stops where training taught it to."""
+    set_tokenizer_options(tokenizer, eos_token=args.eos_token, chat_template_path=args.chat_template_path)
+    if args.eos_token is None or not hasattr(model, "config"):
+        return
+    model.config.get_text_config().eos_token_id = tokenizer.eos_token_id
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        ids = generation_config.eos_token_id
+        ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+        if tokenizer.eos_token_id not in ids:
+            generation_config.eos_token_id = [tokenizer.eos_token_id, *ids]
+
+
 def _targets(batch: Mapping[str, Any]) -> tuple[torch.Tensor, bool]:
     """``(targets, shift)``: pre-shifted ``shift_labels`` as they are, else ``labels`` to be shifted."""
     if "shift_labels" in batch:
@@ -513,6 +633,16 @@ def _targets(batch: Mapping[str, Any]) -> tuple[torch.Tensor, bool]:
         f"ShiftLossTrainer needs 'labels' (or pre-shifted 'shift_labels') in the batch, got keys {sorted(batch)}; "
         "let the trainer prepare the dataset (no data_collator), or add labels in your collator"
     )
+
+
+def _count_input_tokens(model_inputs: Mapping[str, Any]) -> torch.Tensor:
+    """Input tokens of a batch (TRL's ``num_tokens``): the attended ones of padded rows; every position of
+    packed or padding-free rows (their only padding is what ``pad_to_multiple_of`` or the batch's longest
+    packed row adds)."""
+    if "attention_mask" in model_inputs:
+        return model_inputs["attention_mask"].sum()
+    reference = model_inputs.get("position_ids", model_inputs["input_ids"])
+    return torch.tensor(reference.numel(), device=reference.device)
 
 
 def _count_batch_trained_tokens(batch: Mapping[str, Any]) -> torch.Tensor:
@@ -548,12 +678,22 @@ def _apply_peft(model: nn.Module, peft_config: Any, gradient_checkpointing: bool
 
 
 class _LossMetrics:
-    """Token counts accumulated on device between log lines (no host sync per step); saved with checkpoints."""
+    """Token counts accumulated on device between log lines (no host sync per step); saved with checkpoints.
+
+    Logged under TRL's names where TRL has one (``mean_token_accuracy``, ``num_tokens``, ``entropy``),
+    with ours where they add something (``trained_tokens``, ``total_trained_tokens``).
+    """
+
+    # The per-window sums, in the order a checkpoint gathers them; the entropy sum is a float, the rest counts.
+    _WINDOW = ("trained_tokens", "correct_tokens", "input_tokens", "entropy_sum")
 
     def __init__(self) -> None:
         self.trained_tokens: torch.Tensor | None = None
         self.correct_tokens: torch.Tensor | None = None
+        self.input_tokens: torch.Tensor | None = None
+        self.entropy_sum: torch.Tensor | None = None
         self.total_trained_tokens = 0
+        self.total_input_tokens = 0
         self.last_logged_step = 0
         self.data_stats_logged = False
 
@@ -564,22 +704,32 @@ class _LossMetrics:
         Every rank must call it (the windows are gathered).
         """
         device = loss_window.device
-        counts = [-1 if value is None else value for value in (self.trained_tokens, self.correct_tokens)]
-        counts = torch.stack([torch.as_tensor(value, device=device).long() for value in counts])
-        counts = accelerator.gather(counts.reshape(1, 2)).tolist()
+        # float64 holds every count exactly (< 2**53) and the float32 entropy sum; -1: no value (all are >= 0).
+        values = [getattr(self, name) for name in self._WINDOW]
+        window = torch.stack(
+            [torch.as_tensor(-1 if value is None else value, device=device).double() for value in values]
+        )
+        windows = accelerator.gather(window.reshape(1, len(self._WINDOW))).tolist()
         losses = accelerator.gather(loss_window.detach().float().reshape(1)).tolist()
         return {
             "total_trained_tokens": self.total_trained_tokens,
+            "total_input_tokens": self.total_input_tokens,
             "last_logged_step": self.last_logged_step,
             "data_stats_logged": self.data_stats_logged,
             "stock_last_logged_step": last_logged_step,
             "ranks": [
                 {
-                    "window_trained_tokens": None if trained < 0 else trained,
-                    "window_correct_tokens": None if correct < 0 else correct,
+                    **{
+                        f"window_{name}": None
+                        if value < 0
+                        else value
+                        if name == "entropy_sum"
+                        else int(value)
+                        for name, value in zip(self._WINDOW, rank_window, strict=True)
+                    },
                     "loss_sum": loss,
                 }
-                for (trained, correct), loss in zip(counts, losses, strict=True)
+                for rank_window, loss in zip(windows, losses, strict=True)
             ],
         }
 
@@ -594,6 +744,7 @@ class _LossMetrics:
         """
         metrics = cls()
         metrics.total_trained_tokens = int(state["total_trained_tokens"])
+        metrics.total_input_tokens = int(state.get("total_input_tokens", 0))  # absent before num_tokens
         metrics.last_logged_step = int(state["last_logged_step"])
         metrics.data_stats_logged = bool(state["data_stats_logged"])
         ranks = state["ranks"]
@@ -607,26 +758,33 @@ class _LossMetrics:
                 world_size,
             )
             mine = {"loss_sum": sum(rank["loss_sum"] for rank in ranks) / len(ranks)}
-            for name in ("window_trained_tokens", "window_correct_tokens"):
-                values = [rank[name] for rank in ranks if rank[name] is not None]
-                mine[name] = sum(values) if values and process_index == 0 else None
-        for name in ("trained_tokens", "correct_tokens"):
-            value = mine[f"window_{name}"]
-            setattr(metrics, name, None if value is None else torch.tensor(value, device=device))
+            for name in cls._WINDOW:
+                values = [rank.get(f"window_{name}") for rank in ranks]
+                values = [value for value in values if value is not None]
+                mine[f"window_{name}"] = sum(values) if values and process_index == 0 else None
+        for name in cls._WINDOW:
+            value = mine.get(f"window_{name}")
+            dtype = torch.float32 if name == "entropy_sum" else torch.long
+            setattr(metrics, name, None if value is None else torch.tensor(value, dtype=dtype, device=device))
         return metrics, {
             "loss_sum": mine["loss_sum"],
             "last_logged_step": int(state["stock_last_logged_step"]),
         }
 
-    def add(self, trained_tokens: torch.Tensor, correct_tokens: torch.Tensor | None) -> None:
-        self.trained_tokens = (
-            trained_tokens if self.trained_tokens is None else self.trained_tokens + trained_tokens
-        )
-        if correct_tokens is not None:
-            correct_tokens = correct_tokens.to(trained_tokens.device)
-            self.correct_tokens = (
-                correct_tokens if self.correct_tokens is None else self.correct_tokens + correct_tokens
-            )
+    def add(
+        self,
+        trained_tokens: torch.Tensor,
+        correct_tokens: torch.Tensor | None,
+        input_tokens: torch.Tensor | None = None,
+        entropy_sum: torch.Tensor | None = None,
+    ) -> None:
+        for name, value in zip(
+            self._WINDOW, (trained_tokens, correct_tokens, input_tokens, entropy_sum), strict=True
+        ):
+            if value is not None:
+                value = value.to(trained_tokens.device)
+                current = getattr(self, name)
+                setattr(self, name, value if current is None else current + value)
 
     def pop(self, accelerator: Any, steps: int) -> dict[str, float]:
         """Reduce over ranks, return the log entries, reset the window. Every rank must call it."""
@@ -637,7 +795,12 @@ class _LossMetrics:
         logs = {"trained_tokens": trained / steps, "total_trained_tokens": float(self.total_trained_tokens)}
         if self.correct_tokens is not None:
             correct = int(accelerator.reduce(self.correct_tokens.clone(), reduction="sum"))
-            logs["token_accuracy"] = correct / trained if trained else 0.0
-        self.trained_tokens = None
-        self.correct_tokens = None
+            logs["mean_token_accuracy"] = correct / trained if trained else 0.0
+        if self.entropy_sum is not None:
+            entropy = float(accelerator.reduce(self.entropy_sum.clone(), reduction="sum"))
+            logs["entropy"] = entropy / trained if trained else 0.0
+        if self.input_tokens is not None:
+            self.total_input_tokens += int(accelerator.reduce(self.input_tokens.clone(), reduction="sum"))
+            logs["num_tokens"] = float(self.total_input_tokens)
+        self.trained_tokens = self.correct_tokens = self.input_tokens = self.entropy_sum = None
         return logs

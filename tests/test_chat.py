@@ -733,6 +733,10 @@ def test_fuzz_encoder_returns_aligned_assistant_only_labels_or_a_value_error_nam
         **reference_encode_messages(tokenizer, messages, max_length=max_length),
         "trained_tokens": encoded["trained_tokens"],
         "blank_completion": 0,
+        # A special-token string typed in a content (counted, tokenized as the control token: ChatML's).
+        "special_tokens_in_content": int(
+            any(special in m["content"] for m in messages for special in tokenizer.all_special_tokens)
+        ),
     }
     n_system = 0
     while n_system < len(messages) and messages[n_system]["role"] == "system":

@@ -227,7 +227,7 @@ def test_logged_truncation_and_drop_counts_are_exact_with_workers(tmp_path, work
     assert nothing_cut["data/truncated_tokens"] == 0 and nothing_cut["data/untrained_examples"] == 0
 
 
-def test_an_sft_config_is_converted_with_what_means_the_same_and_the_rest_named(tmp_path, caplog):
+def test_an_sft_config_is_converted_field_by_field_and_nothing_is_dropped(tmp_path):
     trl = pytest.importorskip("trl")
     config = trl.SFTConfig(
         output_dir=str(tmp_path),
@@ -235,14 +235,24 @@ def test_an_sft_config_is_converted_with_what_means_the_same_and_the_rest_named(
         packing=True,
         padding_free=True,
         dataset_num_proc=2,
+        packing_strategy="bfd_split",
         completion_only_loss=False,
         bf16=False,
     )
-    with caplog.at_level("WARNING"):
-        args = ShiftLossArguments.from_training_arguments(config)
+    args = ShiftLossArguments.from_training_arguments(config)
     assert (args.max_length, args.packing, args.padding_free, args.num_proc) == (96, True, True, 2)
     assert args.learning_rate == config.learning_rate and args.remove_unused_columns is False
-    assert (
-        "SFTConfig fields with no ShiftLossArguments equivalent are ignored: completion_only_loss=False"
-        in caplog.text
+    assert (args.packing_overflow, args.truncation_mode, args.pad_to_multiple_of) == (
+        "split",
+        "keep_start",
+        None,
     )
+    # TRL's switches, read per format as TRL reads them (an SFTConfig always sets assistant_only_loss).
+    assert [args.train_on_for(f) for f in ("prompt_completion", "messages", "text")] == ["all", "all", "all"]
+    default = ShiftLossArguments.from_training_arguments(trl.SFTConfig(output_dir=str(tmp_path), bf16=False))
+    assert [default.train_on_for(f) for f in ("prompt_completion", "messages", "text", "tokenized")] == [
+        "completion",
+        "all",
+        "all",
+        "completion",
+    ]

@@ -10,6 +10,7 @@ from helpers import tiny_llama, word_tokenizer
 from peft import LoraConfig, get_peft_model
 
 from hf_shift_loss import PromptMaskingCollator, ShiftLossArguments, ShiftLossTrainer, causal_lm_loss
+from hf_shift_loss.loss.eager import sum_token_entropy
 
 # Very different trained-token counts per example: 1, 2, 11 and 4 answer tokens, each + eos.
 EXAMPLES = [
@@ -70,6 +71,11 @@ def parameters_after(trainer):
 def test_one_step_is_identical_for_any_gradient_accumulation(tmp_path):
     base = tiny_llama()
     reference_loss = global_mean_loss(base)
+    full_batch = PromptMaskingCollator(word_tokenizer())(EXAMPLES)
+    all_input_tokens = int(full_batch["attention_mask"].sum())
+    with torch.no_grad():
+        logits = base(input_ids=full_batch["input_ids"], attention_mask=full_batch["attention_mask"]).logits
+    reference_entropy = (sum_token_entropy(logits, full_batch["labels"]) / 22).item()
     results = {}
     for batch_size, accumulation in [(4, 1), (2, 2), (1, 4)]:
         trainer = train_one_step(
@@ -83,7 +89,9 @@ def test_one_step_is_identical_for_any_gradient_accumulation(tmp_path):
         # The logged loss is the global token mean of the step, not a mean of micro-batch means.
         assert logged["loss"] == pytest.approx(reference_loss, rel=1e-5)
         assert logged["trained_tokens"] == 2 + 3 + 12 + 5  # completion tokens + eos per example
-        assert 0.0 <= logged["token_accuracy"] <= 1.0
+        assert 0.0 <= logged["mean_token_accuracy"] <= 1.0  # TRL's names
+        assert logged["num_tokens"] == all_input_tokens  # every input token of the step, padding excluded
+        assert logged["entropy"] == pytest.approx(reference_entropy, rel=1e-5)  # mean over trained tokens
     for key in [(2, 2), (1, 4)]:
         for name, value in results[(4, 1)].items():
             torch.testing.assert_close(results[key][name], value, rtol=1e-4, atol=1e-6, msg=f"{key} {name}")
@@ -172,6 +180,39 @@ def test_label_smoothing_and_z_loss_reach_the_loss(tmp_path):
     torch.testing.assert_close(ours, expected)
 
 
+def test_dft_one_step_is_the_same_for_any_accumulation_and_both_paths(tmp_path):
+    """loss_type="dft" reaches the loss: the step's loss is the global token mean of TRL's DFT formula, and
+    the update is the same with accumulation and on the fused and the eager path."""
+    base = tiny_llama()
+    batch = PromptMaskingCollator(word_tokenizer())(EXAMPLES)
+    with torch.no_grad():
+        logits = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = causal_lm_loss(logits, batch["labels"], loss_type="dft")
+    assert not torch.allclose(expected, causal_lm_loss(logits, batch["labels"]))
+    results = {}
+    for loss_impl, batch_size, accumulation in [
+        ("eager", 4, 1),
+        ("fused", 4, 1),
+        ("fused", 2, 2),
+        ("eager", 1, 4),
+    ]:
+        trainer = train_one_step(
+            copy.deepcopy(base),
+            tmp_path / f"{loss_impl}{batch_size}x{accumulation}",
+            loss_type="dft",
+            loss_impl=loss_impl,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+        )
+        logged = [entry for entry in trainer.state.log_history if "loss" in entry][0]
+        assert logged["loss"] == pytest.approx(expected.item(), rel=1e-5)
+        results[(loss_impl, batch_size, accumulation)] = parameters_after(trainer)
+    reference = results[("eager", 4, 1)]
+    for key, parameters in results.items():
+        for name, value in reference.items():
+            torch.testing.assert_close(parameters[name], value, rtol=1e-4, atol=1e-6, msg=f"{key} {name}")
+
+
 def test_arguments_are_validated(tmp_path):
     with pytest.raises(ValueError, match="loss_impl"):
         make_args(tmp_path, loss_impl="fast")
@@ -212,7 +253,8 @@ def test_fused_and_eager_give_the_same_loss_curve(tmp_path, tie_word_embeddings)
     assert len(eager) == len(fused) == 4
     for eager_entry, fused_entry in zip(eager, fused, strict=True):
         assert fused_entry["loss"] == pytest.approx(eager_entry["loss"], rel=1e-4)
-        assert fused_entry["token_accuracy"] == eager_entry["token_accuracy"]
+        assert fused_entry["mean_token_accuracy"] == eager_entry["mean_token_accuracy"]
+        assert fused_entry["entropy"] == pytest.approx(eager_entry["entropy"], rel=1e-4)  # TRL's name
         assert fused_entry["trained_tokens"] == eager_entry["trained_tokens"]
     for (name, eager_param), fused_param in zip(
         eager_trainer.model.named_parameters(), fused_trainer.model.parameters(), strict=True
@@ -312,4 +354,4 @@ def test_token_accuracy_is_not_computed_when_not_logged(tmp_path, loss_impl, mon
     monkeypatch.setattr(loss_paths, "fused_linear_cross_entropy", fused_without_count)
     trainer = train_one_step(tiny_llama(), tmp_path, loss_impl=loss_impl, log_token_accuracy=False)
     logged = [entry for entry in trainer.state.log_history if "loss" in entry][0]
-    assert "token_accuracy" not in logged and logged["trained_tokens"] == 22
+    assert "mean_token_accuracy" not in logged and logged["trained_tokens"] == 22

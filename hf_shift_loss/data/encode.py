@@ -23,7 +23,7 @@ conversational p/c         ``{"prompt": [messages], "completion": [...]}`` the c
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hf_shift_loss.constants import IGNORE_INDEX
@@ -33,9 +33,19 @@ from hf_shift_loss.data.chat import (
     encode_conversations,
     encode_messages,
 )
+from hf_shift_loss.data.content import row_template_kwargs, text_content
+from hf_shift_loss.data.special import has_special_tokens, special_token_strings
 from hf_shift_loss.data.stats import COUNT_COLUMNS
 from hf_shift_loss.data.validate import token_id_list
-from hf_shift_loss.options import TRAIN_ON, EndOfTurnMode, TrainOn, check_choice, check_max_length
+from hf_shift_loss.options import (
+    TRAIN_ON,
+    TRUNCATION_MODES,
+    EndOfTurnMode,
+    TrainOn,
+    TruncationMode,
+    check_choice,
+    check_max_length,
+)
 
 __all__ = ["FORMATS", "FORMAT_KEYS", "Encoder", "detect_format", "trained_targets"]
 
@@ -73,6 +83,33 @@ def trained_targets(labels: Sequence[int]) -> int:
     return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
 
 
+def _renders_on_its_own(row: Mapping[str, Any]) -> bool:
+    """A chat row with its own ``tools``/``chat_template_kwargs`` or structured content: rendered alone."""
+    if row.get("tools") or row.get("chat_template_kwargs"):
+        return True
+    messages = row.get("messages")
+    if messages is None and isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list):
+        messages = row["prompt"] + row["completion"]
+    return isinstance(messages, list) and any(
+        isinstance(message, Mapping) and isinstance(message.get("content"), list | tuple)
+        for message in messages
+    )
+
+
+def _is_chat(example: Mapping[str, Any]) -> bool:
+    return example.get("messages") is not None or isinstance(example.get("prompt"), list)
+
+
+def _refuse_template_columns(example: Mapping[str, Any], where: str) -> None:
+    """``tools`` / ``chat_template_kwargs`` on a row that no chat template renders would be lost: refused."""
+    for column in ("tools", "chat_template_kwargs"):
+        if example.get(column):
+            raise ValueError(
+                f"{where}: has {column!r} but is not a conversation, so no chat template renders it; give the "
+                "row as 'messages' (or a conversational prompt/completion), or drop the column"
+            )
+
+
 @dataclass
 class Encoder:
     """Turns one example (any format of the module docstring) into ``input_ids``, ``labels`` and counts.
@@ -90,6 +127,14 @@ class Encoder:
         add_bos: prepend BOS to non-chat rows; None does what the tokenizer does on plain text.
         add_eos: end completions and texts with a trained EOS, so the model learns to stop.
         chat_template_kwargs: passed to ``apply_chat_template`` (``tools``, ``enable_thinking``, ...).
+        truncation_mode: ``"auto"`` cuts as ``max_length`` says above; ``"keep_start"`` /
+            ``"keep_end"`` encode the whole row and keep its first / last ``max_length`` tokens, whatever
+            the format (TRL's modes; counted the same way).
+        split_special_tokens: tokenize the content of text and prompt/completion rows as plain text, so a
+            special-token string in it (``"<|im_start|>"``) is not read as the control token (BOS and the
+            appended EOS stay special). Chat rows holding one are refused with it: their content and the
+            template's control tokens are tokenized together. Rows holding one are counted either way
+            (``special_tokens_in_content``, :mod:`.special`).
 
     ``PromptMaskingCollator``'s docstring runs the article's 13-token example through this encoder.
     """
@@ -102,6 +147,8 @@ class Encoder:
     add_bos: bool | None = None
     add_eos: bool = True
     chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    truncation_mode: TruncationMode = "auto"
+    split_special_tokens: bool = False
 
     def __post_init__(self) -> None:
         check_max_length(self.max_length)
@@ -115,7 +162,14 @@ class Encoder:
                 "the tokenizer has no eos_token, so answers cannot end with a trained EOS: set "
                 "tokenizer.eos_token (or add_eos=False if the answers carry their own stop token)"
             )
+        check_choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
         self._bos_token_id = self._resolve_bos()
+        # TRL's modes: the whole row is encoded by an uncut twin, then one end is kept (_keep_one_end).
+        self._uncut = (
+            None
+            if self.truncation_mode == "auto" or self.max_length is None
+            else replace(self, max_length=None, truncation_mode="auto")
+        )
 
     def _resolve_bos(self) -> int | None:
         bos_token_id = self.tokenizer.bos_token_id
@@ -143,6 +197,8 @@ class Encoder:
             ``{"input_ids": list[int], "labels": list[int], "trained_tokens": int,
             "truncated_tokens": int, "truncated_completion": int, "dropped_turns": int}``.
         """
+        if self._uncut is not None:
+            return self._keep_one_end(self._uncut(example, index))
         return self._encode_row(example, index)
 
     def encode_batch(
@@ -173,11 +229,17 @@ class Encoder:
         count = len(next(iter(batch.values()))) if batch else 0
         indices = list(indices) if indices is not None else [None] * count
         rows = [{column: values[position] for column, values in batch.items()} for position in range(count)]
+        if self._uncut is not None:  # TRL's truncation modes cut whole encoded rows: one by one
+            encoded = [self(row, index) for row, index in zip(rows, indices, strict=True)]
+            columns = encoded[0] if encoded else dict.fromkeys(("input_ids", "labels", *COUNT_COLUMNS))
+            return {column: [row[column] for row in encoded] for column in columns}
         chats: dict[int, tuple[list, int]] = {}
         strings: set[str] = set()
         for position, row in enumerate(rows):
             if not isinstance(row, Mapping) or row.get("input_ids") is not None:
                 continue
+            if _renders_on_its_own(row):
+                continue  # per-row tools / template options or structured content: _messages, row by row
             if row.get("messages") is not None:
                 chats[position] = (row["messages"], 0)
             elif row.get("prompt") is not None and row.get("completion") is not None:
@@ -189,7 +251,7 @@ class Encoder:
             elif isinstance(row.get("text"), str):
                 strings.add(row["text"])
         encoded_chats = dict(zip(chats, self._conversations(chats, indices), strict=True))
-        texts = sorted(strings)
+        texts = sorted(strings) if not self.split_special_tokens else []
         tokens = (
             dict(zip(texts, self.tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True))
             if texts
@@ -228,21 +290,52 @@ class Encoder:
         if example.get("input_ids") is not None:
             encoded = self._tokenized(example, where)
         elif example.get("messages") is not None:
-            encoded = chat or self._messages(example["messages"], index, context_messages=0)
+            encoded = chat or self._messages(example, example["messages"], index, context_messages=0)
         elif example.get("prompt") is not None and example.get("completion") is not None:
             prompt, completion = example["prompt"], example["completion"]
             if isinstance(prompt, list) and isinstance(completion, list):
-                encoded = chat or self._messages(prompt + completion, index, context_messages=len(prompt))
+                encoded = chat or self._messages(
+                    example, prompt + completion, index, context_messages=len(prompt)
+                )
             else:
+                _refuse_template_columns(example, where)
                 encoded = self._prompt_completion(prompt, completion, where, tokens)
         elif example.get("text") is not None:
+            _refuse_template_columns(example, where)
             encoded = self._text(example["text"], where, tokens)
         else:
             present = {key: type(value).__name__ for key, value in example.items()}
             raise ValueError(f"{where}: fits no format (keys and types: {present}); expected {_FORMAT_HELP}")
         encoded.setdefault("blank_completion", 0)
+        encoded["special_tokens_in_content"] = int(
+            bool(example.get("special_tokens_in_content"))
+            or has_special_tokens(example, special_token_strings(self.tokenizer))
+        )
+        if self.split_special_tokens and encoded["special_tokens_in_content"] and _is_chat(example):
+            raise ValueError(
+                f"{where}: a message's content holds a special-token string, and split_special_tokens=True "
+                "cannot keep it as text in a chat row (its content and the template's control tokens are "
+                "tokenized together): remove or escape it in the data, or pre-tokenize the row"
+            )
         if self.train_on == "all":
             encoded["labels"] = list(encoded["input_ids"])
+        encoded["trained_tokens"] = trained_targets(encoded["labels"])
+        return encoded
+
+    def _keep_one_end(self, encoded: dict[str, Any]) -> dict[str, Any]:
+        """``truncation_mode`` ``"keep_start"``/``"keep_end"``: the first / last ``max_length`` tokens of a
+        whole encoded row; the cut tokens, and whether trained ones went, are added to its counts."""
+        ids, labels = encoded["input_ids"], encoded["labels"]
+        cut = len(ids) - self.max_length
+        if cut <= 0:
+            return encoded
+        kept = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(cut, None)
+        lost = labels[self.max_length :] if self.truncation_mode == "keep_start" else labels[:cut]
+        encoded["input_ids"], encoded["labels"] = ids[kept], labels[kept]
+        encoded["truncated_tokens"] += cut
+        encoded["truncated_completion"] = int(
+            encoded["truncated_completion"] or any(label != IGNORE_INDEX for label in lost)
+        )
         encoded["trained_tokens"] = trained_targets(encoded["labels"])
         return encoded
 
@@ -302,19 +395,25 @@ class Encoder:
         encoded["blank_completion"] = int(not completion.strip())  # counted, and said once per dataset
         return encoded
 
-    def _messages(self, messages: Any, index: int | None, context_messages: int) -> dict[str, Any]:
+    def _messages(
+        self, example: Mapping[str, Any], messages: Any, index: int | None, context_messages: int
+    ) -> dict[str, Any]:
         """A conversation (``messages``, or a conversational prompt + completion) through its chat template.
 
-        Tool calls and any role the template renders are accepted; a conversation with nothing to
-        train comes back fully masked (``trained_tokens`` 0), so ``on_untrained`` decides; malformed
-        messages raise a ValueError naming the row and the message.
+        Tool calls and any role the template renders are accepted; the row's ``tools`` and
+        ``chat_template_kwargs`` columns reach the template (over this encoder's
+        ``chat_template_kwargs``), and structured content is read as its text (:mod:`.content`). A
+        conversation with nothing to train comes back fully masked (``trained_tokens`` 0), so
+        ``on_untrained`` decides; malformed messages raise a ValueError naming the row and the message.
         """
+        where = f"row {index}" if index is not None else "row"
+        template_kwargs = row_template_kwargs(example, self.chat_template_kwargs, where)
         return encode_messages(
             self.tokenizer,
-            messages,
+            text_content(self.tokenizer, messages, template_kwargs, index),
             example_index=index,
             context_messages=context_messages,
-            **self._chat_options(),
+            **{**self._chat_options(), "chat_template_kwargs": template_kwargs},
         )
 
     def _chat_options(self) -> dict[str, Any]:
@@ -345,10 +444,12 @@ class Encoder:
 
     # ------------------------------------------------------------------------------------ pieces
     def _tokens(self, text: str, tokens: Mapping[str, list[int]] | None = None) -> list[int]:
-        """``text``'s ids without special tokens (from ``tokens`` when the batch tokenized it already)."""
+        """``text``'s ids without special tokens (from ``tokens`` when the batch tokenized it already);
+        with ``split_special_tokens``, special-token strings in it are tokenized as text."""
         if tokens and text in tokens:
             return list(tokens[text])
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        options = {"split_special_tokens": True} if self.split_special_tokens else {}
+        return list(self.tokenizer(text, add_special_tokens=False, **options)["input_ids"])
 
     def _prefix(self) -> list[int]:
         return [self._bos_token_id] if self._bos_token_id is not None else []

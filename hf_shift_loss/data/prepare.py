@@ -57,7 +57,8 @@ class PreparedDataset:
     format: str
 
 
-def _columns(dataset: datasets.Dataset | datasets.IterableDataset, name: str = "train") -> list[str]:
+def dataset_columns(dataset: datasets.Dataset | datasets.IterableDataset, name: str = "train") -> list[str]:
+    """The column names of a dataset (read from its first row when a streamed one does not declare them)."""
     if dataset.column_names is not None:
         return list(dataset.column_names)
     first = next(iter(dataset), None)  # a streamed dataset whose features are unknown
@@ -84,6 +85,7 @@ def prepare_dataset(
     num_proc: int | None = None,
     name: str = "train",
     vocab_size: int | None = None,
+    shuffle_seed: int | None = None,
 ) -> PreparedDataset:
     """Encode every row, drop (or refuse) rows with nothing to train, count, and optionally pack.
 
@@ -101,6 +103,8 @@ def prepare_dataset(
         name: how the dataset is named in messages ("train", "eval").
         vocab_size: the model's embedding rows: an input id or label outside ``[0, vocab_size)`` is
             reported here, once, naming the row and position (not as a device-side assert mid-training).
+        shuffle_seed: with packing, shuffle the encoded rows with this seed before packing them (TRL's
+            ``shuffle_dataset``; it changes which rows of equal length share a packed row).
 
     Returns:
         :class:`PreparedDataset`: columns ``input_ids``, ``labels`` (and ``position_ids`` when packed).
@@ -113,7 +117,7 @@ def prepare_dataset(
     streamed = isinstance(dataset, datasets.IterableDataset)
     if not streamed and len(dataset) == 0:
         raise _empty(name)
-    columns = _columns(dataset, name)
+    columns = dataset_columns(dataset, name)
     data_format = detect_format(columns)
     if not streamed:
         data_format = _rows_format(dataset, name) or data_format
@@ -154,9 +158,13 @@ def prepare_dataset(
         encoded = encoded.filter(_StreamedRowFilter(name, on_untrained, vocab_size), with_indices=True)
     elif stats.untrained_examples:
         encoded = encoded.filter(_has_trained_tokens, input_columns="trained_tokens", batched=True)
-    encoded = encoded.remove_columns([column for column in COUNT_COLUMNS if column in _columns(encoded)])
+    encoded = encoded.remove_columns(
+        [column for column in COUNT_COLUMNS if column in dataset_columns(encoded)]
+    )
 
     if packing:
+        if shuffle_seed is not None:
+            encoded = encoded.shuffle(seed=shuffle_seed)
         pack_options = {"max_length": max_length, "overflow": packing_overflow}
         if streamed:
             encoded = encoded.map(
@@ -195,7 +203,7 @@ def _encode_batch(
 def _code_version() -> str:
     """A hash of the data path's source code (the modules whose output the datasets cache keeps)."""
     digest = hashlib.sha256()
-    for module in sorted(("encode", "chat", "pack", "stats", "prepare", "validate")):
+    for module in sorted(("encode", "chat", "content", "special", "pack", "stats", "prepare", "validate")):
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{module}.py")
         with open(path, "rb") as file:
             digest.update(file.read())

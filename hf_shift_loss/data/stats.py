@@ -20,6 +20,7 @@ COUNT_COLUMNS = (
     "truncated_completion",
     "dropped_turns",
     "blank_completion",
+    "special_tokens_in_content",
 )
 
 
@@ -53,6 +54,9 @@ class DataStats:
     """Examples with no trained token after masking and truncation: dropped from the dataset."""
     blank_completions: int = 0
     """Prompt/completion examples whose completion is only whitespace (they train little but EOS)."""
+    special_tokens_in_content: int = 0
+    """Examples whose content holds a special-token string (read as the control token unless
+    ``split_special_tokens``)."""
     packed_rows: int = 0
     """Rows of ``max_length`` produced by packing (0 without packing)."""
     packed_capacity: int = 0
@@ -90,6 +94,7 @@ class DataStats:
         self.truncated_completions += int(encoded.get("truncated_completion", 0))
         self.dropped_turns += dropped_turns
         self.blank_completions += int(encoded.get("blank_completion", 0))
+        self.special_tokens_in_content += int(encoded.get("special_tokens_in_content", 0))
         if trained == 0:
             self.untrained_examples += 1
             return
@@ -109,6 +114,7 @@ class DataStats:
             "truncated_completions": self.truncated_completions,
             "dropped_turns": self.dropped_turns,
             "blank_completions": self.blank_completions,
+            "special_tokens_in_content": self.special_tokens_in_content,
         }
         if self.packed_rows:
             entries.update(packing_fill=round(self.packing_fill, 4), split_examples=self.split_examples)

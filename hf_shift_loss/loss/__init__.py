@@ -12,6 +12,7 @@ The pipeline, from a model to its loss (one way, whatever the strategy):
 - ``fused.py``: :func:`fused_linear_cross_entropy` on hidden states ``[batch, seq, hidden]`` and the head
   weight: validation, the shift, selecting the trained rows, the chunk size, the reduction.
 - ``kernel.py``: the chunked lm_head + cross-entropy ``torch.autograd.Function`` under it.
+- ``weighting.py``: per-token loss weightings (``loss_type="dft"``), applied by both losses.
 
 The ignore index comes from :mod:`hf_shift_loss.constants`, which the data side imports too; this
 package imports neither the data side nor the trainer (docs/architecture.md).

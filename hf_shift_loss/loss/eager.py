@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from hf_shift_loss.constants import IGNORE_INDEX
-from hf_shift_loss.options import REDUCTIONS, Reduction, check_choice, check_loss_options
+from hf_shift_loss.loss.weighting import token_weighting
+from hf_shift_loss.options import REDUCTIONS, LossType, Reduction, check_choice, check_loss_options
 
 __all__ = [
     "IGNORE_INDEX",
@@ -26,6 +27,7 @@ __all__ = [
     "shift_labels",
     "count_trained_tokens",
     "count_correct_tokens",
+    "sum_token_entropy",
     "reduce_token_losses",
     "validate_labels",
 ]
@@ -153,6 +155,7 @@ def causal_lm_loss(
     z_loss: float = 0.0,
     logit_scale: float = 1.0,
     logit_softcap: float | None = None,
+    loss_type: LossType = "nll",
 ) -> torch.Tensor:
     """Next-token cross-entropy over the trained tokens.
 
@@ -176,6 +179,9 @@ def causal_lm_loss(
         logit_scale, logit_softcap: for raw ``lm_head`` outputs of a model that transforms them, the
             loss is taken on ``cap * tanh(logit_scale * logits / cap)`` (no cap when None): Cohere and
             Granite scale, Gemma 2 soft-caps. A model's own ``logits`` output is already transformed.
+        loss_type: ``"nll"`` (the cross-entropy) or ``"dft"`` (each token's cross-entropy times its
+            detached target probability, :mod:`hf_shift_loss.loss.weighting`; the normalization is
+            unchanged).
 
     Returns:
         A float32 scalar (``"mean"``, ``"sum"``) or a float32 tensor shaped like ``labels`` (``"none"``).
@@ -211,6 +217,7 @@ def causal_lm_loss(
         1.0212
     """
     _check_reduction(reduction, label_smoothing, z_loss)
+    weighting = token_weighting(loss_type, label_smoothing=label_smoothing, z_loss=z_loss)
     if logits.dim() < 2:
         raise ValueError(f"logits must be [..., vocab], got shape {tuple(logits.shape)}")
     check_labels_shape(labels, logits, "logits", "vocab")
@@ -256,10 +263,32 @@ def causal_lm_loss(
             token_losses = (1.0 - label_smoothing) * token_losses + label_smoothing * uniform_losses
         token_losses = token_losses + z_loss * log_partition.square()
         token_losses = torch.where(trained, token_losses, torch.zeros_like(token_losses))
+    if weighting is not None:  # untrained positions: 0 * weight = 0
+        token_losses = token_losses * weighting(token_losses)
 
     if reduction == "none":
         return token_losses.view(targets.shape)
     return reduce_token_losses(token_losses, trained, reduction, num_items_in_batch)
+
+
+@torch.no_grad()
+def sum_token_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, *, shift: bool = True, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """Sum over trained positions of the entropy of the predicted distribution (0-dim float32).
+
+    Divided by the trained tokens it is TRL's logged ``entropy``. One float32 pass over ``logits``
+    ``[batch, seq, vocab]`` (the fused loss computes it inside its chunks instead).
+
+    Examples:
+        >>> print(f"{sum_token_entropy(torch.zeros(1, 3, 4), torch.tensor([[-100, 1, 2]])):.4f}")  # 2 x log(4)
+        2.7726
+    """
+    labels = labels.to(logits.device)
+    targets = shift_labels(labels, ignore_index) if shift else labels
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    entropies = -(log_probs.exp() * log_probs).sum(dim=-1)
+    return (entropies * (targets != ignore_index)).sum()
 
 
 @torch.no_grad()

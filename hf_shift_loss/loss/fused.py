@@ -28,7 +28,8 @@ from hf_shift_loss.loss.eager import (
     validate_labels,
 )
 from hf_shift_loss.loss.kernel import ChunkedLinearCrossEntropy
-from hf_shift_loss.options import check_chunk_size
+from hf_shift_loss.loss.weighting import token_weighting
+from hf_shift_loss.options import LossType, check_chunk_size
 
 __all__ = [
     "fused_linear_cross_entropy",
@@ -107,6 +108,8 @@ def fused_linear_cross_entropy(
     chunk_size: int | None = ...,
     return_correct: Literal[False] = ...,
     sync_free: bool = ...,
+    loss_type: LossType = ...,
+    return_entropy: Literal[False] = ...,
 ) -> torch.Tensor: ...
 
 
@@ -128,6 +131,8 @@ def fused_linear_cross_entropy(
     chunk_size: int | None = ...,
     return_correct: Literal[True],
     sync_free: bool = ...,
+    loss_type: LossType = ...,
+    return_entropy: Literal[False] = ...,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -149,7 +154,9 @@ def fused_linear_cross_entropy(
     chunk_size: int | None = ...,
     return_correct: bool,
     sync_free: bool = ...,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
+    loss_type: LossType = ...,
+    return_entropy: bool = ...,
+) -> torch.Tensor | tuple[torch.Tensor, ...]: ...
 
 
 def fused_linear_cross_entropy(
@@ -169,7 +176,9 @@ def fused_linear_cross_entropy(
     chunk_size: int | None = None,
     return_correct: bool = False,
     sync_free: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    loss_type: LossType = "nll",
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """``causal_lm_loss(hidden @ weight.T + bias, labels, ...)`` without materializing the logits.
 
     Args:
@@ -181,13 +190,17 @@ def fused_linear_cross_entropy(
             Moved to ``hidden``'s device.
         bias: optional ``[vocab]`` lm_head bias.
         shift, ignore_index, reduction, num_items_in_batch, label_smoothing, z_loss, logit_scale,
-            logit_softcap: exactly as :func:`hf_shift_loss.loss.causal_lm_loss` (``"none"`` returns
+            logit_softcap, loss_type: exactly as :func:`hf_shift_loss.loss.causal_lm_loss` (``"none"`` returns
             ``labels``' shape, 0 where not trained); the scale and soft-cap are applied to each chunk's
             logits, with their exact gradient.
         chunk_size: trained rows per chunk; default :func:`default_chunk_size` (float32 logits of a chunk
             under min(256 MiB, half the float32 weight gradient's size; a quarter with a frozen head)).
         return_correct: also return the number of trained positions whose argmax over the logits equals
             the target, counted chunk by chunk while the logits exist (no extra matmul).
+        return_entropy: also return the sum over trained positions of the entropy of the predicted
+            distribution (float32 0-dim; divided by the trained tokens it is TRL's logged ``entropy``),
+            computed chunk by chunk from the chunk's softmax (no extra matmul, no second pass over the
+            logits). It comes last in the returned tuple.
         sync_free: process every position (fixed shapes, chunks of ``chunk_size`` positions), the untrained
             ones masked inside the kernel (a loss of exactly 0 and zero gradients), with no host sync and
             no data-dependent shape or Python branch: the mode for ``torch.compile(fullgraph=True)`` and
@@ -244,6 +257,7 @@ def fused_linear_cross_entropy(
         True
     """
     _check_reduction(reduction, label_smoothing, z_loss)
+    weighting = token_weighting(loss_type, label_smoothing=label_smoothing, z_loss=z_loss)
     transform = logit_transform(logit_scale, logit_softcap)
     _validate_inputs(hidden, weight, labels, bias)
     check_chunk_size(chunk_size)
@@ -278,7 +292,7 @@ def fused_linear_cross_entropy(
         )
 
     per_token = reduction == "none"
-    loss, correct_tokens = ChunkedLinearCrossEntropy.apply(
+    loss, correct_tokens, entropy_sum = ChunkedLinearCrossEntropy.apply(
         hidden.reshape(-1, hidden_size),
         weight,
         bias,
@@ -292,6 +306,8 @@ def fused_linear_cross_entropy(
         per_token,
         return_correct,
         needs_grad,
+        weighting,
+        return_entropy,
     )
     if per_token and rows is not None:  # the trained rows' losses at their positions, 0 elsewhere
         token_losses = torch.zeros(flat_targets.shape[0], dtype=torch.float32, device=hidden.device)
@@ -300,4 +316,5 @@ def fused_linear_cross_entropy(
         loss = loss.view(targets.shape)
     else:
         loss = reduce_token_losses(loss, trained, reduction, num_items_in_batch)
-    return (loss, correct_tokens) if return_correct else loss
+    extras = (correct_tokens,) * return_correct + (entropy_sum,) * return_entropy
+    return (loss, *extras) if extras else loss

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from hf_shift_loss.loss.eager import LogitTransform
+from hf_shift_loss.loss.weighting import TokenWeighting
 
 __all__ = ["ChunkedLinearCrossEntropy"]
 
@@ -102,6 +103,12 @@ def _grad_logits_(
         grad.add_((uniform_grad if row_scale is None else uniform_grad * row_scale)[:, None])
     grad.scatter_add_(1, targets[:, None], target_grad[:, None])
     return grad
+
+
+def _entropies(exp_logits: torch.Tensor, exp_sum: torch.Tensor) -> torch.Tensor:
+    """Entropy of each row's softmax ``[rows]`` from ``exp(logits - max)`` and its row sums:
+    ``log(S) - sum_v e_v log(e_v) / S`` (``xlogy``: an underflowed ``e_v = 0`` adds 0, never NaN)."""
+    return exp_sum.log() - torch.xlogy(exp_logits, exp_logits).sum(dim=1) / exp_sum
 
 
 def _transform_logits_(logits: torch.Tensor, transform: LogitTransform, tanh: torch.Tensor | None) -> None:
@@ -208,7 +215,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     forward outputs: the float32 loss (the sum over trained tokens when ``per_token`` is False, else the
     ``[trained]`` losses, ``[positions]`` in sync-free mode) and the 0-dim int64 number of correct argmax
-    predictions (if ``count_correct``).
+    predictions (if ``count_correct``), and the 0-dim float32 sum over trained rows of the entropy of
+    the predicted distribution (if ``sum_entropy``; TRL's logged ``entropy`` is its mean).
 
     forward and backward run the same :func:`_chunk_loop`; they differ only in what they do with a
     chunk's logits.
@@ -230,7 +238,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         per_token: bool,
         count_correct: bool,
         needs_grad: tuple[bool, bool, bool],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        weighting: TokenWeighting | None = None,
+        sum_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         num_rows = targets.shape[0]
         device = hidden.device
         # Scalar loss: gradients now, while the logits are in memory (module docstring, point 3).
@@ -241,7 +251,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         summed_loss = torch.zeros((), dtype=torch.float32, device=device)
         token_losses = torch.empty(num_rows if per_token else 0, dtype=torch.float32, device=device)
         log_partitions = torch.empty(num_rows if per_token else 0, dtype=torch.float32, device=device)
+        # A per-token weighting (loss_type="dft"): the backward of per-token losses needs the weights again.
+        token_weights = torch.empty(
+            num_rows if per_token and weighting is not None else 0, dtype=torch.float32, device=device
+        )
         correct_tokens = torch.zeros((), dtype=torch.int64, device=device)
+        entropy_sum = torch.zeros((), dtype=torch.float32, device=device)
 
         def losses_of_chunk(
             span: slice, logits: torch.Tensor, chunk_targets: torch.Tensor
@@ -252,8 +267,16 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             losses, log_partition, exp_sum = _token_losses_and_softmax_(
                 logits, chunk_targets, label_smoothing, z_loss
             )
+            if sum_entropy:  # before the gradient overwrites the chunk's exp(logits - max)
+                entropies = _entropies(logits, exp_sum)
+                entropy_sum.add_((entropies if trained is None else entropies * trained[span]).sum())
             if trained is not None:
                 losses = torch.where(trained[span], losses, torch.zeros_like(losses))
+            weights = None if weighting is None else weighting(losses)
+            if weights is not None:
+                losses = losses * weights
+                if per_token:
+                    token_weights[span] = weights
             if per_token:
                 token_losses[span] = losses
                 log_partitions[span] = log_partition
@@ -262,6 +285,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             if not grads_in_forward:
                 return None
             row_scale = None if row_weights is None else row_weights[span]
+            if weights is not None:
+                row_scale = weights if row_scale is None else row_scale * weights
             return _grad_logits_(
                 logits, chunk_targets, log_partition, exp_sum, row_scale, label_smoothing, z_loss
             )
@@ -278,25 +303,26 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             losses_of_chunk,
         )
 
-        ctx.mark_non_differentiable(correct_tokens)
+        ctx.mark_non_differentiable(correct_tokens, entropy_sum)
         ctx.per_token = per_token
         ctx.sync_free = trained is not None
         ctx.input_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.options = (chunk_size, label_smoothing, z_loss, transform, needs_grad)
         gradients = (None, None, None) if grads is None else (grads.hidden, grads.weight, grads.bias)
         if per_token:
-            ctx.save_for_backward(hidden, weight, bias, rows, targets, trained, log_partitions)
+            ctx.save_for_backward(hidden, weight, bias, rows, targets, trained, log_partitions, token_weights)
+            ctx.weighted = weighting is not None
         elif ctx.sync_free:
             # Saved tensors, not a ctx attribute: what torch.compile traces (and autograd's own version
             # check refuses a second backward through the in-place scaled buffers).
             ctx.save_for_backward(*gradients)
         else:
             ctx.gradients = gradients
-        return (token_losses if per_token else summed_loss), correct_tokens
+        return (token_losses if per_token else summed_loss), correct_tokens, entropy_sum
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor, _grad_correct: torch.Tensor | None):
-        no_grad_for_options = (None,) * 10
+    def backward(ctx, grad_loss: torch.Tensor, _grad_correct: torch.Tensor | None, _grad_entropy=None):
+        no_grad_for_options = (None,) * 12
         if not ctx.per_token:
             if ctx.sync_free:
                 gradients = ctx.saved_tensors
@@ -313,9 +339,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             scaled = [None if g is None else g.mul_(grad_loss) for g in gradients]
             return (*_to_dtypes(scaled, ctx.input_dtypes), *no_grad_for_options)
 
-        hidden, weight, bias, rows, targets, trained, log_partitions = ctx.saved_tensors
+        hidden, weight, bias, rows, targets, trained, log_partitions, token_weights = ctx.saved_tensors
         chunk_size, label_smoothing, z_loss, transform, needs_grad = ctx.options
         grad_loss = grad_loss.float()
+        if ctx.weighted:  # d(weight * loss) = weight * d(loss): the weight is detached
+            grad_loss = grad_loss * token_weights
         if trained is not None:
             # Untrained rows get exactly 0, whatever their upstream gradient (even inf or NaN).
             grad_loss = torch.where(trained, grad_loss, torch.zeros_like(grad_loss))

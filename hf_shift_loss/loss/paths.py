@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from hf_shift_loss.loss.eager import causal_lm_loss, count_correct_tokens
+from hf_shift_loss.loss.eager import causal_lm_loss, count_correct_tokens, sum_token_entropy
 from hf_shift_loss.loss.fused import fused_linear_cross_entropy
 from hf_shift_loss.loss.heads import (
     OutputHead,
@@ -32,7 +32,7 @@ from hf_shift_loss.loss.heads import (
     get_output_head,
     lm_head_returns_hidden_states,
 )
-from hf_shift_loss.options import LOSS_IMPLS, LossImpl, Reduction, check_choice
+from hf_shift_loss.options import LOSS_IMPLS, LossImpl, LossType, Reduction, check_choice
 
 __all__ = ["EagerLoss", "FusedLoss", "LossResult", "choose_loss_path"]
 
@@ -49,6 +49,8 @@ class LossResult(NamedTuple):
     router_loss: torch.Tensor | None = None
     """An MoE model's load-balancing loss times its ``router_aux_loss_coef``, as its own forward adds it
     to the loss (None for dense models, or when the model does not output router logits)."""
+    entropy_sum: torch.Tensor | None = None
+    """Sum over trained tokens of the predicted distribution's entropy (when asked), else None."""
 
 
 class _LossPath:
@@ -67,6 +69,7 @@ class _LossPath:
         reduction: Reduction = "mean",
         num_items_in_batch: torch.Tensor | int | None = None,
         count_correct: bool = False,
+        measure_entropy: bool = False,
     ) -> LossResult:
         """Run ``model(**model_inputs)`` (wrapped as it is: DDP, FSDP2, peft) and the loss of ``labels``.
 
@@ -79,16 +82,24 @@ class _LossPath:
             shift, reduction, num_items_in_batch: as :func:`hf_shift_loss.causal_lm_loss`.
             count_correct: also count the trained tokens whose argmax is the target (the logged token
                 accuracy).
+            measure_entropy: also sum the entropy of the predicted distribution over the trained tokens
+                (the logged ``entropy``).
         """
         options = {"shift": shift, "reduction": reduction, "num_items_in_batch": num_items_in_batch}
-        result = self._run(model, model_inputs, labels, options, count_correct)
+        result = self._run(model, model_inputs, labels, options, count_correct, measure_entropy)
         aux_loss = result.outputs.get("aux_loss") if isinstance(result.outputs, dict) else None
         if aux_loss is None or not self.router_aux_loss_coef:
             return result
         return result._replace(router_loss=self.router_aux_loss_coef * aux_loss.to(result.loss.device))
 
     def _run(
-        self, model: nn.Module, model_inputs: dict, labels: torch.Tensor, options: dict, count_correct: bool
+        self,
+        model: nn.Module,
+        model_inputs: dict,
+        labels: torch.Tensor,
+        options: dict,
+        count_correct: bool,
+        measure_entropy: bool,
     ) -> LossResult:
         raise NotImplementedError
 
@@ -100,22 +111,37 @@ class EagerLoss(_LossPath):
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     router_aux_loss_coef: float = 0.0
+    loss_type: LossType = "nll"
     reason: str = "loss_impl='eager'"
     name: str = "eager"
 
     def _run(
-        self, model: nn.Module, model_inputs: dict, labels: torch.Tensor, options: dict, count_correct: bool
+        self,
+        model: nn.Module,
+        model_inputs: dict,
+        labels: torch.Tensor,
+        options: dict,
+        count_correct: bool,
+        measure_entropy: bool,
     ) -> LossResult:
         outputs = model(**model_inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         loss = causal_lm_loss(
-            logits, labels, label_smoothing=self.label_smoothing, z_loss=self.z_loss, **options
+            logits,
+            labels,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            loss_type=self.loss_type,
+            **options,
         )
-        # The argmax is another pass over [batch, seq, vocab]: only when the accuracy is logged.
+        # The argmax and the entropy are more passes over [batch, seq, vocab]: only when they are logged.
         correct = (
             count_correct_tokens(logits.detach(), labels, shift=options["shift"]) if count_correct else None
         )
-        return LossResult(loss, correct, outputs)
+        entropy = (
+            sum_token_entropy(logits.detach(), labels, shift=options["shift"]) if measure_entropy else None
+        )
+        return LossResult(loss, correct, outputs, entropy_sum=entropy)
 
 
 @dataclass(frozen=True)
@@ -130,13 +156,20 @@ class FusedLoss(_LossPath):
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     router_aux_loss_coef: float = 0.0
+    loss_type: LossType = "nll"
     chunk_size: int | None = None
     sync_free: bool = False
     """Fixed shapes, no host sync: what ``torch.compile(fullgraph=True)`` and CUDA graphs need."""
     name: str = "fused"
 
     def _run(
-        self, model: nn.Module, model_inputs: dict, labels: torch.Tensor, options: dict, count_correct: bool
+        self,
+        model: nn.Module,
+        model_inputs: dict,
+        labels: torch.Tensor,
+        options: dict,
+        count_correct: bool,
+        measure_entropy: bool,
     ) -> LossResult:
         # The wrapped model is called, not its backbone, so DDP's hooks, peft and accelerate see the whole
         # forward; only the [batch, seq, vocab] logits are skipped.
@@ -156,7 +189,9 @@ class FusedLoss(_LossPath):
                 z_loss=self.z_loss,
                 chunk_size=self.chunk_size,
                 return_correct=count_correct,  # the argmax per chunk only when the accuracy is logged
+                return_entropy=measure_entropy,
                 sync_free=self.sync_free,
+                loss_type=self.loss_type,
                 **options,
             )
 
@@ -165,10 +200,13 @@ class FusedLoss(_LossPath):
         # accelerate's device_map hook moves the hidden states to the head's device (loading an offloaded
         # weight).
         result = call_as_lm_head(self.head, fused_head_and_loss, recorded.hidden)
-        loss, correct = result if count_correct else (result, None)
+        extras = list(result[1:]) if count_correct or measure_entropy else []
+        loss = result[0] if extras else result
+        correct = extras.pop(0) if count_correct else None
+        entropy = extras.pop(0) if measure_entropy else None
         if isinstance(outputs, dict):  # its "logits" are hidden states: hand them on without
             outputs = type(outputs)(**{key: value for key, value in outputs.items() if key != "logits"})
-        return LossResult(loss, correct, outputs)
+        return LossResult(loss, correct, outputs, entropy_sum=entropy)
 
 
 def _unsharded(parameter: torch.Tensor | None) -> torch.Tensor | None:
@@ -254,6 +292,7 @@ def choose_loss_path(
     fsdp_version: int | None = None,
     zero3: Mapping[str, Any] | None = None,
     sync_free: bool = False,
+    loss_type: LossType = "nll",
 ) -> EagerLoss | FusedLoss:
     """The loss path for ``model`` (unwrapped from DDP/accelerate; peft models as they are).
 
@@ -265,6 +304,8 @@ def choose_loss_path(
     ``zero_optimization`` section) the fused loss runs inside a call of the lm_head module, whose hooks
     gather the partitioned weight (:func:`hf_shift_loss.loss.heads.call_as_lm_head`); where a ZeRO-3
     feature gathers it only inside another module's forward, it falls back to eager (:func:`_zero3_refusal`).
+    ``loss_type`` (``"nll"``, ``"dft"``) is the per-token weighting both paths apply
+    (:mod:`hf_shift_loss.loss.weighting`).
 
     Examples:
         A tiny Llama: the fused path's loss is the model's own (which computes the full logits):
@@ -298,6 +339,7 @@ def choose_loss_path(
         "label_smoothing": label_smoothing,
         "z_loss": z_loss,
         "router_aux_loss_coef": float(coefficient or 0.0),
+        "loss_type": loss_type,
     }
     if loss_impl == "eager":
         return EagerLoss(**options)
