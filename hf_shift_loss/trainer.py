@@ -18,7 +18,11 @@ What it adds to the stock Trainer, in the order of a run:
    per step (reduced over ranks), the data statistics, and an
    exact token-mean ``eval_loss`` with perplexity.
 
-The math lives in ``loss.py`` / ``fused.py``; this module only orchestrates and logs.
+A subclass changes the loss without copying ``compute_loss`` (docs/extending.md): :meth:`token_loss`
+(a per-token loss, decided once: is it overridden?), ``loss_weights`` in the batch, ``outputs.last_hidden_state``
+for auxiliary terms, and :meth:`log_metric` for its own log entries.
+
+The math lives in ``hf_shift_loss.loss``; this module only orchestrates and logs.
 """
 
 from __future__ import annotations
@@ -57,9 +61,22 @@ __all__ = ["ShiftLossArguments", "ShiftLossTrainer"]
 
 logger = logging.getLogger(__name__)
 
-# Batch keys that are targets, never model inputs.
+# Batch keys that are targets, never model inputs; the loss also takes the weights of the targets.
 _TARGET_KEYS = ("labels", "shift_labels")
+_LOSS_KEYS = (*_TARGET_KEYS, "loss_weights")
 DATA_SUMMARY_FILE = "data_summary.json"
+# What the trainer (and the stock Trainer) log themselves: log_metric refuses these names.
+_BUILT_IN_LOG_NAMES = frozenset(
+    {
+        "loss",
+        "grad_norm",
+        "learning_rate",
+        "epoch",
+        "trained_tokens",
+        "total_trained_tokens",
+        "token_accuracy",
+    }
+)
 
 
 class ShiftLossTrainer(Trainer):
@@ -170,6 +187,9 @@ class ShiftLossTrainer(Trainer):
         self._eval_sums: list[torch.Tensor] | None = None
         self._loss_paths: dict[int, EagerLoss | FusedLoss] = {}
         self._normalization_problem: str | None = None  # why training steps cannot be counted, once known
+        # The per-token loss hook, decided once: an overridden token_loss makes the loss per-token.
+        self._token_loss = self.token_loss if _overrides(type(self), "token_loss") else None
+        self._eval_metrics: _MetricWindow | None = None  # log_metric's window while evaluating
         # A padding-free batcher pads evaluation batches: decided once, here.
         collator = self.data_collator
         self._eval_collator = (
@@ -498,12 +518,28 @@ class ShiftLossTrainer(Trainer):
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """Run the model without labels, then the causal-LM loss normalized over the optimizer step.
 
-        ``inputs``: ``input_ids`` ``[batch, seq]``, ``attention_mask`` or (packed) ``position_ids``, and
-        ``labels`` aligned with ``input_ids`` (or pre-shifted ``shift_labels``). ``num_items_in_batch``:
+        ``inputs``: ``input_ids`` ``[batch, seq]``, ``attention_mask`` or (packed) ``position_ids``,
+        ``labels`` aligned with ``input_ids`` (or pre-shifted ``shift_labels``), and optional
+        ``loss_weights`` ``[batch, seq]`` aligned with ``labels`` (training multiplies each trained token's
+        loss by its weight; the evaluation loss stays the plain cross-entropy). ``num_items_in_batch``:
         trained tokens of the optimizer step, all micro-batches and ranks (None outside the step loop).
+
+        With ``return_outputs=True`` the model's outputs come back with ``last_hidden_state``
+        ``[batch, seq, hidden]`` (the lm_head's input) on both loss paths; on the fused path they have no
+        logits, and reading ``outputs.logits`` raises :class:`hf_shift_loss.loss.LogitsNotComputedError`.
+
+        Examples:
+            An auxiliary term in a subclass, on either loss path (docs/extending.md runs it):
+
+            >>> class Regularized(ShiftLossTrainer):  # doctest: +SKIP
+            ...     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            ...         loss, outputs = super().compute_loss(
+            ...             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            ...         loss = loss + 1e-3 * outputs.last_hidden_state.float().pow(2).mean()
+            ...         return (loss, outputs) if return_outputs else loss
         """
         targets, shift = _targets(inputs)
-        model_inputs = {key: value for key, value in inputs.items() if key not in _TARGET_KEYS}
+        model_inputs = {key: value for key, value in inputs.items() if key not in _LOSS_KEYS}
         if "position_ids" in model_inputs and "attention_mask" not in model_inputs:
             model_inputs["use_cache"] = False  # packed: the block-diagonal mask is only built without a cache
             check_packing_support(
@@ -522,6 +558,8 @@ class ShiftLossTrainer(Trainer):
             num_items_in_batch=num_items_in_batch if training else None,
             count_correct=training and self.args.log_token_accuracy,
             measure_entropy=training and self.args.log_entropy,
+            loss_weights=inputs.get("loss_weights") if training else None,
+            token_loss=self._token_loss if training else None,
         )
         trained_tokens = count_trained_tokens(targets, shift=shift, per_row=True).to(loss.device)
         if not training:  # evaluation: per-row sums and counts, for the exact token mean of the eval set
@@ -541,6 +579,65 @@ class ShiftLossTrainer(Trainer):
             )
         return (loss, outputs) if return_outputs else loss
 
+    def token_loss(self, token_losses: torch.Tensor) -> torch.Tensor:
+        """The per-token loss hook: override it to change each trained token's loss; returns it unchanged.
+
+        The trainer sums what it returns (times the batch's ``loss_weights``, if any) and divides by the
+        trained tokens of the optimizer step, so a custom token loss keeps the exact normalization under
+        gradient accumulation and data parallelism, and runs on the fused path without full logits (the
+        fused loss then returns per-token losses and recomputes its logits in backward). Whether the hook
+        is overridden is decided once, when the trainer is built; not overridden, the loss is reduced in
+        one pass. Training only: ``eval_loss`` stays the plain cross-entropy (and its perplexity).
+
+        Args:
+            token_losses: float32 ``[trained]``, the loss of each trained token of the micro-batch, row by
+                row, differentiable. It is the cross-entropy ``-log p(target)`` (so ``p = exp(-loss)``)
+                unless ``label_smoothing_factor`` or ``z_loss`` add their terms to it.
+
+        Returns:
+            ``[trained]`` float values, one per token (a ValueError names any other shape).
+
+        Examples:
+            Focal loss (gamma 2): confident tokens count less.
+
+            >>> class FocalTrainer(ShiftLossTrainer):
+            ...     def token_loss(self, token_losses):
+            ...         target_probability = torch.exp(-token_losses)
+            ...         return (1 - target_probability) ** 2 * token_losses
+        """
+        return token_losses
+
+    def log_metric(self, name: str, value: torch.Tensor | float, weight: torch.Tensor | float = 1.0) -> None:
+        """Log ``name`` with the next log line: the ``weight``-ed mean of its values over the window, all ranks.
+
+        Call it from a subclass (in ``compute_loss``, ``token_loss``, ...) once per micro-batch, with a
+        0-dim tensor; it is added up on the device (no host sync) and reduced over ranks only when the
+        trainer logs, like ``token_accuracy``. Logged: ``sum(value * weight) / sum(weight)`` over every call
+        since the last log line on every rank (``weight=trained_tokens`` gives a token mean). Called
+        during evaluation, it goes to the evaluation's metrics as ``eval_<name>``. Every rank must log the
+        same names (a ValueError says which differ).
+
+        Args:
+            name: the log entry's name; not one the trainer logs itself (``loss``, ``token_accuracy``, ...).
+            value: a number or a one-element tensor (detached here: logging never trains).
+            weight: how much this value counts in the mean (a number or a one-element tensor).
+
+        Examples:
+            >>> class LoggingTrainer(ShiftLossTrainer):
+            ...     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            ...         loss, outputs = super().compute_loss(
+            ...             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            ...         self.log_metric("hidden_norm", outputs.last_hidden_state.detach().norm(dim=-1).mean())
+            ...         return (loss, outputs) if return_outputs else loss
+        """
+        if not isinstance(name, str) or not name or name in _BUILT_IN_LOG_NAMES or name.startswith("eval_"):
+            raise ValueError(
+                f"log_metric name {name!r}: give a non-empty name that is not one the trainer logs itself "
+                f"({', '.join(sorted(_BUILT_IN_LOG_NAMES))}) and does not start with 'eval_' (evaluation adds it)"
+            )
+        window = self._eval_metrics if self._eval_metrics is not None else self._loss_metrics.custom
+        window.add(name, value, weight, self.args.device)
+
     def _add_eval_rows(self, row_sums: torch.Tensor, row_tokens: torch.Tensor) -> None:
         """Add one eval batch's rows of every rank, without the sampler's padding duplicates.
 
@@ -558,6 +655,7 @@ class ShiftLossTrainer(Trainer):
         if "loss" in logs and "eval_loss" not in logs:
             steps = self.state.global_step - self._loss_metrics.last_logged_step
             logs.update(self._loss_metrics.pop(self.accelerator, max(steps, 1)))
+            logs.update(self._loss_metrics.custom.pop(self.accelerator))
             self._loss_metrics.last_logged_step = self.state.global_step
             train_stats = self.data_stats.get("train")
             if train_stats is not None and not self._loss_metrics.data_stats_logged:
@@ -580,6 +678,7 @@ class ShiftLossTrainer(Trainer):
         """
         device = self.args.device
         self._eval_sums = [torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)]
+        self._eval_metrics = _MetricWindow()
         try:
             output = super().evaluation_loop(
                 dataloader,
@@ -590,6 +689,8 @@ class ShiftLossTrainer(Trainer):
             )
         finally:
             sums, self._eval_sums = self._eval_sums, None
+            eval_metrics, self._eval_metrics = self._eval_metrics, None
+        output.metrics.update(eval_metrics.pop(self.accelerator, prefix=f"{metric_key_prefix}_"))
         loss_sum, trained_tokens = sums[0], int(sums[1])  # gathered over ranks batch by batch
         if trained_tokens > 0:
             mean_loss = float(loss_sum) / trained_tokens
@@ -621,6 +722,11 @@ def _set_tokenizer_and_model_options(tokenizer: Any, model: nn.Module, args: Shi
         ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
         if tokenizer.eos_token_id not in ids:
             generation_config.eos_token_id = [tokenizer.eos_token_id, *ids]
+
+
+def _overrides(cls: type, name: str) -> bool:
+    """Whether ``cls`` (a ShiftLossTrainer subclass) defines its own ``name``."""
+    return getattr(cls, name) is not getattr(ShiftLossTrainer, name)
 
 
 def _targets(batch: Mapping[str, Any]) -> tuple[torch.Tensor, bool]:
@@ -696,6 +802,8 @@ class _LossMetrics:
         self.total_input_tokens = 0
         self.last_logged_step = 0
         self.data_stats_logged = False
+        self.custom = _MetricWindow()
+        """What a subclass logs with ``ShiftLossTrainer.log_metric``."""
 
     def state(self, accelerator: Any, loss_window: torch.Tensor, last_logged_step: int) -> dict[str, Any]:
         """What a checkpoint keeps: the totals, and every rank's window since the last log line.
@@ -731,6 +839,7 @@ class _LossMetrics:
                 }
                 for rank_window, loss in zip(windows, losses, strict=True)
             ],
+            "window_custom": self.custom.summed_state(accelerator),
         }
 
     @classmethod
@@ -766,6 +875,10 @@ class _LossMetrics:
             value = mine.get(f"window_{name}")
             dtype = torch.float32 if name == "entropy_sum" else torch.long
             setattr(metrics, name, None if value is None else torch.tensor(value, dtype=dtype, device=device))
+        # The custom window was summed over ranks when saved: rank 0 takes it, the others the same names at 0.
+        metrics.custom = _MetricWindow.from_state(
+            state.get("window_custom", {}), device, zero=process_index != 0
+        )
         return metrics, {
             "loss_sum": mine["loss_sum"],
             "last_logged_step": int(state["stock_last_logged_step"]),
@@ -804,3 +917,69 @@ class _LossMetrics:
             logs["num_tokens"] = float(self.total_input_tokens)
         self.trained_tokens = self.correct_tokens = self.input_tokens = self.entropy_sum = None
         return logs
+
+
+class _MetricWindow:
+    """``log_metric``'s values since the last log line: per name, the sums of ``value * weight`` and of
+    ``weight``, float32 on the device (no host sync per call); reduced over ranks when popped."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}  # name -> [weighted value sum, weight sum]
+
+    def add(
+        self, name: str, value: torch.Tensor | float, weight: torch.Tensor | float, device: torch.device
+    ) -> None:
+        pair = []
+        for what, number in (("value", value), ("weight", weight)):
+            number = torch.as_tensor(number).detach() if not torch.is_tensor(number) else number.detach()
+            if number.numel() != 1:
+                raise ValueError(
+                    f"log_metric({name!r}): the {what} must be a number or a one-element tensor, got shape "
+                    f"{tuple(number.shape)}; reduce it first (e.g. .mean(), or pass weight=count)"
+                )
+            pair.append(number.reshape(()).to(device=device, dtype=torch.float32))
+        entry = torch.stack([pair[0] * pair[1], pair[1]])
+        self.sums[name] = entry if name not in self.sums else self.sums[name] + entry
+
+    def summed_state(self, accelerator: Any) -> dict[str, list[float]]:
+        """The window summed over ranks, ``{name: [weighted value sum, weight sum]}``, for a checkpoint (the
+        logged means only need the sums). Every rank must call it."""
+        names, sums = self._reduced(accelerator)
+        return {name: pair for name, pair in zip(names, sums, strict=True)}
+
+    @classmethod
+    def from_state(
+        cls, state: dict[str, list[float]], device: torch.device, zero: bool = False
+    ) -> _MetricWindow:
+        """The window of :meth:`summed_state`; with ``zero``, its names with nothing added (other ranks)."""
+        window = cls()
+        window.sums = {
+            name: torch.tensor([0.0, 0.0] if zero else sums, device=device) for name, sums in state.items()
+        }
+        return window
+
+    def pop(self, accelerator: Any, prefix: str = "") -> dict[str, float]:
+        """Reduce over ranks, return ``{prefix + name: weighted mean}``, reset. Every rank must call it."""
+        names, sums = self._reduced(accelerator)
+        self.sums = {}
+        return {
+            prefix + name: total / weight if weight != 0 else math.nan
+            for name, (total, weight) in zip(names, sums, strict=True)
+        }
+
+    def _reduced(self, accelerator: Any) -> tuple[list[str], list[list[float]]]:
+        """The names and their sums over every rank (ValueError when the ranks logged different names)."""
+        names = sorted(self.sums)
+        if accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            per_rank = gather_object([names])
+            if any(rank_names != names for rank_names in per_rank):
+                raise ValueError(
+                    f"log_metric: the ranks logged different names since the last log line ({per_rank}); every "
+                    "rank must log the same names (log a 0 with weight=0 where a rank has nothing to add)"
+                )
+        if not names:
+            return [], []
+        sums = accelerator.reduce(torch.stack([self.sums[name] for name in names]), reduction="sum")
+        return names, sums.tolist()

@@ -3,7 +3,9 @@
 :class:`Batcher` is the trainer's data collator once a dataset is prepared. Four fields, as a
 transformers model takes them: ``input_ids``, ``labels`` (padded with -100), and ``attention_mask``
 for padded rows or ``position_ids`` for packed rows (positions restart at every packed sequence; no
-attention mask, so transformers builds the block-diagonal causal mask). Extra columns are ignored.
+attention mask, so transformers builds the block-diagonal causal mask). Rows with ``loss_weights`` add a
+fifth, float32 ``loss_weights`` aligned with ``labels`` (0 where padded: untrained either way). Other
+columns are ignored.
 
 Padding-free (``padding_free=True``): the micro-batch's rows are laid end to end in one row
 ``[1, total tokens]`` with restarting ``position_ids``, as packing does within a row: no pad token is
@@ -93,8 +95,9 @@ class Batcher:
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not rows:
             raise ValueError("the batcher received an empty list of rows")
+        weighted = _has_loss_weights(rows)
         if self.padding_free:
-            return self._end_to_end(rows)
+            return self._end_to_end(rows, weighted)
         width = max(len(row["input_ids"]) for row in rows)
         if self.pad_to_multiple_of:
             width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -103,22 +106,28 @@ class Batcher:
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         # Packed: padding is a block of its own (positions from 0), never part of a real sequence.
         layout = torch.arange(width).repeat(len(rows), 1) if packed else torch.zeros_like(input_ids)
+        weights = torch.zeros((len(rows), width), dtype=torch.float32) if weighted else None
         for index, row in enumerate(rows):
             length = len(row["input_ids"])
             input_ids[index, :length] = torch.as_tensor(row["input_ids"], dtype=torch.long)
             labels[index, :length] = torch.as_tensor(row["labels"], dtype=torch.long)
+            if weights is not None:
+                weights[index, :length] = torch.as_tensor(row["loss_weights"], dtype=torch.float32)
             if packed:
                 layout[index, :length] = torch.as_tensor(row["position_ids"], dtype=torch.long)
                 layout[index, length:] = torch.arange(width - length)
             else:
                 layout[index, :length] = 1
-        return {
+        batch = {
             "input_ids": input_ids,
             "labels": labels,
             "position_ids" if packed else "attention_mask": layout,
         }
+        if weights is not None:
+            batch["loss_weights"] = weights
+        return batch
 
-    def _end_to_end(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    def _end_to_end(self, rows: Sequence[Mapping[str, Any]], weighted: bool) -> dict[str, torch.Tensor]:
         """One row ``[1, total]``: the rows one after another, positions restarting at each (packed rows
         keep their own restarts); with ``pad_to_multiple_of``, a padding block of its own at the end."""
         input_ids = [torch.as_tensor(row["input_ids"], dtype=torch.long) for row in rows]
@@ -129,6 +138,9 @@ class Batcher:
             else torch.arange(len(row["input_ids"]))
             for row in rows
         ]
+        weights = (
+            [torch.as_tensor(row["loss_weights"], dtype=torch.float32) for row in rows] if weighted else None
+        )
         for row_labels in labels:
             row_labels[:1] = IGNORE_INDEX  # would be the target of the previous row's last token
         total = sum(len(ids) for ids in input_ids)
@@ -138,8 +150,26 @@ class Batcher:
                 input_ids.append(torch.full((padding,), self.pad_token_id, dtype=torch.long))
                 labels.append(torch.full((padding,), IGNORE_INDEX, dtype=torch.long))
                 positions.append(torch.arange(padding))
-        return {
+                if weights is not None:
+                    weights.append(torch.zeros(padding, dtype=torch.float32))
+        batch = {
             "input_ids": torch.cat(input_ids)[None],
             "labels": torch.cat(labels)[None],
             "position_ids": torch.cat(positions)[None],
         }
+        if weights is not None:
+            batch["loss_weights"] = torch.cat(weights)[None]
+        return batch
+
+
+def _has_loss_weights(rows: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the rows carry ``loss_weights``: all of them or none (ValueError naming the first odd row)."""
+    weighted = [row.get("loss_weights") is not None for row in rows]
+    if any(weighted) and not all(weighted):
+        odd = weighted.index(not weighted[0])
+        raise ValueError(
+            f"row {odd} of this batch {'has' if weighted[odd] else 'has no'} loss_weights but row 0 "
+            f"{'has' if weighted[0] else 'has none'}: give every row loss_weights (1.0 for an unweighted "
+            "example) or none"
+        )
+    return weighted[0]

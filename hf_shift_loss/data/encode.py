@@ -18,10 +18,16 @@ conversational p/c         ``{"prompt": [messages], "completion": [...]}`` the c
 ``messages``               ``{"messages": [{"role", "content"}, ...]}``    assistant turns + end of turn
 ``tokenized``              ``{"input_ids": [...], "labels": [...]?}``      labels (all without them)
 =========================  ==============================================  ===========================
+
+Any row may carry ``loss_weights``: a float per token aligned with ``input_ids`` (pre-tokenized rows),
+or one number for every token of the example (any format: a per-example weight). The encoded row then
+has a ``loss_weights`` list aligned with its ``labels``, cut where they are cut; the loss multiplies each
+trained token's loss by its weight (docs/extending.md).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -320,6 +326,8 @@ class Encoder:
         if self.train_on == "all":
             encoded["labels"] = list(encoded["input_ids"])
         encoded["trained_tokens"] = trained_targets(encoded["labels"])
+        if "loss_weights" in example:
+            encoded["loss_weights"] = _loss_weights(example, encoded, where)
         return encoded
 
     def _keep_one_end(self, encoded: dict[str, Any]) -> dict[str, Any]:
@@ -457,3 +465,37 @@ class Encoder:
     def _eos(self, text: str) -> list[int]:
         eos = self.tokenizer.eos_token
         return [self.tokenizer.eos_token_id] if self.add_eos and not (eos and text.endswith(eos)) else []
+
+
+def _loss_weights(example: Mapping[str, Any], encoded: Mapping[str, Any], where: str) -> list[float]:
+    """The encoded row's ``loss_weights``: the row's list (pre-tokenized rows: cut like ``input_ids``), or its
+    one number for every token; None means all ones. ValueError naming the row and position otherwise."""
+    weights = example["loss_weights"]
+    length = len(encoded["input_ids"])
+    if weights is None:
+        return [1.0] * length
+    if torch.is_tensor(weights):
+        weights = weights.tolist()
+    if isinstance(weights, (int, float)) and not isinstance(weights, bool):
+        values = [float(weights)] * length
+    elif example.get("input_ids") is None:
+        raise ValueError(
+            f"{where}: 'loss_weights' is a {type(weights).__name__}; a row that is not pre-tokenized takes one "
+            "number for every token of the example (the tokens are not known before encoding), e.g. "
+            "{'prompt': ..., 'completion': ..., 'loss_weights': 2.0}"
+        )
+    else:
+        given = len(example["input_ids"])
+        if len(weights) != given:
+            raise ValueError(
+                f"{where}: 'loss_weights' has {len(weights)} entries but 'input_ids' has {given}; give one weight "
+                "per token, aligned with input_ids exactly like labels (the loss shifts both)"
+            )
+        values = [float(value) for value in weights[:length]]  # cut where input_ids were cut
+    for position, value in enumerate(values):
+        if not math.isfinite(value):
+            raise ValueError(
+                f"{where}, position {position}: loss weight {value} is not a finite number; give untrained "
+                "positions any finite weight (0 or 1: their label is -100)"
+            )
+    return values

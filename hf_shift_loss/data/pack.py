@@ -63,6 +63,8 @@ __all__ = [
 PACKING_COLUMNS = ("input_ids", "labels", "position_ids", "split_examples", "lost_boundary_targets")
 # The token columns of a packed row (PACKING_COLUMNS without the counts), all int64 lists.
 _TOKEN_COLUMNS = PACKING_COLUMNS[:3]
+# Per-token values that move with their tokens when present (floats, any finite value).
+_CARRIED_COLUMNS = ("loss_weights",)
 # Packed rows written per Arrow batch by pack_dataset, and encoded rows read per batch for their
 # lengths: what bounds the memory of packing a dataset of any size (about 2M tokens at 2048).
 PACK_WRITE_ROWS = 1000
@@ -237,20 +239,24 @@ def _list_parts(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndar
 def _list_array(row_tokens: np.ndarray, values: np.ndarray) -> pa.ListArray:
     offsets = np.zeros(len(row_tokens) + 1, dtype=np.int32)
     np.cumsum(row_tokens, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.int64, copy=False)))
+    values = values if values.dtype.kind == "f" else values.astype(np.int64, copy=False)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
 def _packed_columns(
     rows: pa.Table, start: np.ndarray, length: np.ndarray, pieces_per_row: np.ndarray
 ) -> dict[str, pa.ListArray]:
     """The token columns of packed rows: ``rows`` holds each piece's encoded row (one per piece, in plan
-    order), ``pieces_per_row`` how many consecutive pieces each packed row takes."""
+    order), ``pieces_per_row`` how many consecutive pieces each packed row takes. ``loss_weights``, when
+    ``rows`` has them, move with their tokens (a packed sequence's first weight is kept, never read)."""
     piece_begin = np.cumsum(length) - length  # where each piece starts in the packed tokens
     within = np.arange(int(length.sum()), dtype=np.int64) - np.repeat(piece_begin, length)
+    carried = [name for name in _CARRIED_COLUMNS if name in rows.column_names]
     columns = {}
-    for name in ("input_ids", "labels"):
+    for name in ("input_ids", "labels", *carried):
         offsets, values = _list_parts(rows.column(name))
-        columns[name] = values[np.repeat(offsets[:-1] + start, length) + within].astype(np.int64)
+        gathered = values[np.repeat(offsets[:-1] + start, length) + within]
+        columns[name] = gathered.astype(np.float64) if name in carried else gathered.astype(np.int64)
     # Nothing may be trained to predict a sequence's first token from the previous sequence.
     columns["labels"][piece_begin[length > 0]] = IGNORE_INDEX
     columns["position_ids"] = within
@@ -259,7 +265,7 @@ def _packed_columns(
         weights=length,
         minlength=len(pieces_per_row),
     ).astype(np.int64)
-    return {name: _list_array(row_tokens, columns[name]) for name in _TOKEN_COLUMNS}
+    return {name: _list_array(row_tokens, columns[name]) for name in (*_TOKEN_COLUMNS, *carried)}
 
 
 def _lost_boundary_targets(table_rows: Any, plan: PackingPlan) -> int:
@@ -298,15 +304,18 @@ def pack_rows(
     a map-style dataset is packed as a whole by :func:`pack_dataset`, the same plan and writer.
 
     Args:
-        batch: ``{"input_ids": [[...], ...], "labels": [[...], ...]}`` (other columns are ignored).
+        batch: ``{"input_ids": [[...], ...], "labels": [[...], ...]}``, and optional ``loss_weights``
+            (``[[...], ...]`` aligned with ``labels``), which move with their tokens (other columns are
+            ignored).
         max_length: capacity of a row in tokens.
         overflow: a sequence longer than ``max_length`` is ``"truncate"``-d to its first ``max_length``
             tokens, or ``"split"`` into ``max_length`` pieces packed independently (a piece's first target
             is lost: counted in ``lost_boundary_targets``).
 
     Returns:
-        Columns :data:`PACKING_COLUMNS`; ``position_ids`` restart at 0 at every sequence, every
-        sequence's first label is -100. The split counts stand on the first row.
+        Columns :data:`PACKING_COLUMNS` (and ``loss_weights`` when given); ``position_ids`` restart at 0
+        at every sequence, every sequence's first label is -100 (its weight is kept, and never read). The
+        split counts stand on the first row.
 
     Examples:
         >>> packed = pack_rows({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9]],
@@ -315,14 +324,18 @@ def pack_rows(
         ([[6, 7, 8, 9], [1, 2, 3, 4, 5]], [[0, 1, 2, 3], [0, 1, 2, 0, 1]])
         >>> packed["labels"]
         [[-100, -100, 8, 9], [-100, 2, 3, -100, 5]]
+
+        ``loss_weights`` move with their tokens:
+
+        >>> pack_rows({"input_ids": [[1, 2, 3], [4, 5]], "labels": [[-100, 2, 3], [-100, 5]],
+        ...            "loss_weights": [[1.0, 1.0, 1.0], [0.5, 0.5]]}, max_length=5)["loss_weights"]
+        [[1.0, 1.0, 1.0, 0.5, 0.5]]
     """
     _check_options(max_length, overflow)
-    list_type = pa.list_(pa.int64())
+    types = {"input_ids": pa.list_(pa.int64()), "labels": pa.list_(pa.int64())}
+    types.update({name: pa.list_(pa.float64()) for name in _CARRIED_COLUMNS if name in batch})
     table = pa.table(
-        {
-            name: pa.array([_as_list(row) for row in batch[name]], type=list_type)
-            for name in ("input_ids", "labels")
-        }
+        {name: pa.array([_as_list(row) for row in batch[name]], type=kind) for name, kind in types.items()}
     )
     plan = plan_packing(_check_aligned(table), max_length, overflow)
     columns = _packed_columns(table.take(plan.source), plan.start, plan.length, np.diff(plan.row_offsets))
@@ -393,7 +406,8 @@ def pack_dataset(
     ``new_fingerprint``. The rows are exactly :func:`pack_rows` on the whole dataset at once.
 
     Args:
-        dataset: columns ``input_ids`` and ``labels`` (int lists of equal lengths); others are ignored.
+        dataset: columns ``input_ids`` and ``labels`` (int lists of equal lengths), and ``loss_weights``
+            (carried with their tokens) when present; others are ignored.
         max_length: capacity of a row in tokens.
         overflow: ``"truncate"`` or ``"split"``, as in :func:`pack_rows`.
         desc: the progress bar's text.
@@ -413,7 +427,8 @@ def pack_dataset(
         [[0, 1, 2, 3], [0, 1, 2, 0, 1]]
     """
     _check_options(max_length, overflow)
-    encoded = dataset.select_columns(["input_ids", "labels"]).with_format("arrow")
+    carried = [name for name in _CARRIED_COLUMNS if name in dataset.column_names]
+    encoded = dataset.select_columns(["input_ids", "labels", *carried]).with_format("arrow")
     lengths = np.concatenate(
         [np.zeros(0, dtype=np.int64)]
         + [
@@ -438,6 +453,7 @@ def pack_dataset(
             "input_ids": dataset.features["input_ids"],
             "labels": dataset.features["labels"],
             "position_ids": datasets.List(datasets.Value("int64")),
+            **{name: datasets.List(datasets.Value("float64")) for name in carried},
         }
     )
     packed = (

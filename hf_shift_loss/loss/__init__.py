@@ -20,24 +20,36 @@ package imports neither the data side nor the trainer (docs/architecture.md).
 
 from hf_shift_loss.constants import IGNORE_INDEX
 from hf_shift_loss.loss.eager import (
+    TokenLoss,
+    apply_token_loss,
     causal_lm_loss,
     count_correct_tokens,
     count_trained_tokens,
+    prepare_loss_weights,
     reduce_token_losses,
     shift_labels,
     validate_labels,
 )
 from hf_shift_loss.loss.fused import default_chunk_size, fused_linear_cross_entropy
 from hf_shift_loss.loss.heads import OutputHead, UnsupportedOutputHead, get_output_head
-from hf_shift_loss.loss.paths import EagerLoss, FusedLoss, LossResult, choose_loss_path
+from hf_shift_loss.loss.paths import (
+    EagerLoss,
+    FusedLoss,
+    LogitsNotComputedError,
+    LossResult,
+    choose_loss_path,
+)
 
 __all__ = [
     "IGNORE_INDEX",
     "EagerLoss",
     "FusedLoss",
+    "LogitsNotComputedError",
     "LossResult",
     "OutputHead",
+    "TokenLoss",
     "UnsupportedOutputHead",
+    "apply_token_loss",
     "causal_lm_loss",
     "choose_loss_path",
     "count_correct_tokens",
@@ -45,6 +57,7 @@ __all__ = [
     "default_chunk_size",
     "fused_linear_cross_entropy",
     "get_output_head",
+    "prepare_loss_weights",
     "reduce_token_losses",
     "shift_labels",
     "validate_labels",

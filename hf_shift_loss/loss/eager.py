@@ -12,6 +12,7 @@ training step, while shifting the labels copies a ``[batch, seq]`` integer tenso
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -21,12 +22,18 @@ from hf_shift_loss.constants import IGNORE_INDEX
 from hf_shift_loss.loss.weighting import token_weighting
 from hf_shift_loss.options import REDUCTIONS, LossType, Reduction, check_choice, check_loss_options
 
+TokenLoss = Callable[[torch.Tensor], torch.Tensor]
+"""A per-token loss: float32 ``[trained]`` losses in, ``[trained]`` values to sum and normalize out."""
+
 __all__ = [
     "IGNORE_INDEX",
+    "TokenLoss",
+    "apply_token_loss",
     "causal_lm_loss",
     "shift_labels",
     "count_trained_tokens",
     "count_correct_tokens",
+    "prepare_loss_weights",
     "sum_token_entropy",
     "reduce_token_losses",
     "validate_labels",
@@ -59,7 +66,66 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torc
         A tensor of the same shape; the last column is ``ignore_index`` (the last position has no
         next token to predict).
     """
-    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return _shift(labels, ignore_index)
+
+
+def _shift(values: torch.Tensor, fill: float) -> torch.Tensor:
+    """``out[..., t] = values[..., t + 1]``, the last column ``fill``: the one shift of labels and weights."""
+    return F.pad(values, (0, 1), value=fill)[..., 1:]
+
+
+def prepare_loss_weights(
+    loss_weights: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    shift: bool = True,
+    device: torch.device | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """``loss_weights`` as the loss applies them: float32, detached, shifted exactly like ``labels``.
+
+    Args:
+        loss_weights: ``[batch, seq]`` (``labels``' shape), any real dtype: the weight of each position's
+            trained token, aligned with ``labels`` (a weight at an untrained position is never read).
+        labels: the labels they go with (only their shape is read).
+        shift: shift the weights as the loss shifts the labels (``out[..., t] = weights[..., t + 1]``, 0 in
+            the last column), so that a weight stays with its token.
+        device: where the loss runs (the logits' or hidden states' device).
+        validate: check that every weight is finite (one host sync, ``.all()``), naming the first that is
+            not; the sync-free fused mode skips it.
+
+    Returns:
+        float32 ``[batch, seq]`` weights aligned with the shifted targets, without gradient (weights are
+        data, not parameters).
+
+    Raises:
+        ValueError: the shape differs from ``labels``'; the dtype is not real; a weight is not finite.
+    """
+    if not torch.is_tensor(loss_weights):
+        loss_weights = torch.as_tensor(loss_weights)
+    if loss_weights.is_complex() or loss_weights.dtype == torch.bool:
+        raise ValueError(
+            f"loss_weights must be real numbers (a float per token), got {loss_weights.dtype}; convert them "
+            "with loss_weights.float()"
+        )
+    if tuple(loss_weights.shape) != tuple(labels.shape):
+        raise ValueError(
+            f"loss_weights shape {tuple(loss_weights.shape)} does not match labels shape {tuple(labels.shape)}; "
+            "give one weight per token, aligned with labels (and input_ids) exactly like labels: the loss "
+            "shifts both"
+        )
+    weights = loss_weights.detach().to(device=device, dtype=torch.float32)
+    if validate:
+        finite = torch.isfinite(weights)
+        if not bool(finite.all()):
+            index = tuple(int(i) for i in (~finite).nonzero()[0].tolist())
+            where = f"row {index[0]}, position {index[1]}" if len(index) == 2 else f"index {index}"
+            raise ValueError(
+                f"loss_weights at {where} is {float(weights[index])} (loss_weights shaped "
+                f"{tuple(weights.shape)}, aligned with labels): every weight must be a finite number; "
+                "give untrained positions any finite weight (0 or 1: their label is -100)"
+            )
+    return _shift(weights, 0.0) if shift else weights
 
 
 def count_trained_tokens(
@@ -138,6 +204,59 @@ def reduce_token_losses(
     return total / denominator.clamp(min=1).to(total.dtype)
 
 
+def apply_token_loss(
+    token_losses: torch.Tensor,
+    labels: torch.Tensor,
+    token_loss: TokenLoss,
+    *,
+    shift: bool = True,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: Reduction = "mean",
+    num_items_in_batch: torch.Tensor | int | float | None = None,
+    loss_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Turn per-position losses into a custom per-token loss, then weight and reduce it.
+
+    Args:
+        token_losses: ``[batch, seq]`` float32 losses of each position, 0 where not trained (what
+            ``causal_lm_loss`` and ``fused_linear_cross_entropy`` return with ``reduction="none"``).
+        labels: ``[batch, seq]`` the labels they were computed from (``shift`` as there).
+        token_loss: ``[trained]`` losses (in the order of the trained positions, row by row) to
+            ``[trained]`` values; e.g. ``lambda ce: (1 - torch.exp(-ce)) ** 2 * ce`` (focal, gamma 2).
+        shift, ignore_index, reduction, num_items_in_batch, loss_weights: as :func:`causal_lm_loss`; the
+            weights multiply the values ``token_loss`` returns, and ``"mean"`` still divides by the trained
+            tokens (or ``num_items_in_batch``).
+
+    Returns:
+        A float32 scalar, or ``[batch, seq]`` values (0 where not trained) for ``reduction="none"``.
+
+    Raises:
+        ValueError: ``token_loss`` returned a tensor of another shape than its input.
+
+    Host syncs: one (selecting the trained positions sizes the ``[trained]`` tensor).
+    """
+    targets = shift_labels(labels.to(token_losses.device), ignore_index) if shift else labels
+    trained = targets.to(token_losses.device) != ignore_index
+    selected = token_losses[trained]
+    values = token_loss(selected)
+    if not torch.is_tensor(values) or tuple(values.shape) != tuple(selected.shape):
+        shape = tuple(values.shape) if torch.is_tensor(values) else type(values).__name__
+        raise ValueError(
+            f"the per-token loss {getattr(token_loss, '__qualname__', token_loss)} returned {shape} for "
+            f"{tuple(selected.shape)} token losses; it must return one value per trained token, the same "
+            "shape as its input (the trainer sums them and divides by the step's trained tokens)"
+        )
+    values = values.float()
+    if loss_weights is not None:
+        weights = prepare_loss_weights(loss_weights, labels, shift=shift, device=token_losses.device)
+        values = values * weights[trained]
+    if reduction == "none":
+        placed = torch.zeros_like(token_losses)
+        placed[trained] = values
+        return placed
+    return reduce_token_losses(values, trained, reduction, num_items_in_batch)
+
+
 def _check_reduction(reduction: str, label_smoothing: float, z_loss: float) -> None:
     check_choice("reduction", reduction, REDUCTIONS)
     check_loss_options(label_smoothing, z_loss)
@@ -156,6 +275,7 @@ def causal_lm_loss(
     logit_scale: float = 1.0,
     logit_softcap: float | None = None,
     loss_type: LossType = "nll",
+    loss_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy over the trained tokens.
 
@@ -182,13 +302,20 @@ def causal_lm_loss(
         loss_type: ``"nll"`` (the cross-entropy) or ``"dft"`` (each token's cross-entropy times its
             detached target probability, :mod:`hf_shift_loss.loss.weighting`; the normalization is
             unchanged).
+        loss_weights: optional ``[batch, seq]`` (``labels``' shape) float weight per token, aligned with
+            ``labels`` and shifted with them: each trained token's loss is multiplied by its weight. The
+            ``"mean"`` denominator stays the number of trained tokens (or ``num_items_in_batch``), so
+            all-ones weights give exactly the unweighted loss and weights of 2 double it. Weights get no
+            gradient; each must be finite (checked: one host sync).
 
     Returns:
-        A float32 scalar (``"mean"``, ``"sum"``) or a float32 tensor shaped like ``labels`` (``"none"``).
+        A float32 scalar (``"mean"``, ``"sum"``) or a float32 tensor shaped like ``labels`` (``"none"``,
+        weighted when ``loss_weights`` are given).
 
     Raises:
         ValueError: ``labels`` does not match ``logits.shape[:-1]``, a label is outside
-            ``[0, vocab)`` and is not ``ignore_index``, or an option is out of range.
+            ``[0, vocab)`` and is not ``ignore_index``, ``loss_weights`` do not match ``labels`` or hold a
+            value that is not finite, or an option is out of range.
 
     Examples:
         With ``shift=False`` it is ``torch.nn.CrossEntropyLoss()(logits, labels)``; three tokens, three
@@ -215,6 +342,15 @@ def causal_lm_loss(
         tensor([[0.4170, 0.0000, 0.6041, 0.0000]])
         >>> print(f"{causal_lm_loss(logits, labels, reduction='sum'):.4f}")
         1.0212
+
+        ``loss_weights`` are aligned with ``labels`` too: weighting token 3 by 2 doubles its loss, and the
+        mean still divides by the 2 trained tokens:
+
+        >>> weights = torch.tensor([[1.0, 1.0, 1.0, 2.0]])
+        >>> causal_lm_loss(logits, labels, loss_weights=weights, reduction="none")
+        tensor([[0.4170, 0.0000, 1.2082, 0.0000]])
+        >>> print(f"{causal_lm_loss(logits, labels, loss_weights=weights):.8f}")
+        0.81262255
     """
     _check_reduction(reduction, label_smoothing, z_loss)
     weighting = token_weighting(loss_type, label_smoothing=label_smoothing, z_loss=z_loss)
@@ -229,6 +365,11 @@ def causal_lm_loss(
     labels = labels.to(device=logits.device, dtype=torch.long)  # cross_entropy takes int64 targets
     targets = shift_labels(labels, ignore_index) if shift else labels
     validate_labels(targets, vocab_size, ignore_index)
+    weights = (
+        None
+        if loss_weights is None
+        else prepare_loss_weights(loss_weights, labels, shift=shift, device=logits.device)
+    )
 
     # Flatten to [tokens, vocab]: a view when the logits are contiguous. The float32 math copies bfloat16 or
     # float16 logits once (.float()); float32 logits are used as they are.
@@ -263,8 +404,10 @@ def causal_lm_loss(
             token_losses = (1.0 - label_smoothing) * token_losses + label_smoothing * uniform_losses
         token_losses = token_losses + z_loss * log_partition.square()
         token_losses = torch.where(trained, token_losses, torch.zeros_like(token_losses))
-    if weighting is not None:  # untrained positions: 0 * weight = 0
+    if weighting is not None:  # untrained positions: 0 * weight = 0; reads the plain token losses
         token_losses = token_losses * weighting(token_losses)
+    if weights is not None:  # untrained positions stay 0: their loss is 0 and every weight is finite
+        token_losses = token_losses * weights.reshape(-1)
 
     if reduction == "none":
         return token_losses.view(targets.shape)

@@ -23,6 +23,7 @@ from hf_shift_loss.loss.eager import (
     _check_reduction,
     check_labels_shape,
     logit_transform,
+    prepare_loss_weights,
     reduce_token_losses,
     shift_labels,
     validate_labels,
@@ -105,6 +106,7 @@ def fused_linear_cross_entropy(
     z_loss: float = ...,
     logit_scale: float = ...,
     logit_softcap: float | None = ...,
+    loss_weights: torch.Tensor | None = ...,
     chunk_size: int | None = ...,
     return_correct: Literal[False] = ...,
     sync_free: bool = ...,
@@ -128,6 +130,7 @@ def fused_linear_cross_entropy(
     z_loss: float = ...,
     logit_scale: float = ...,
     logit_softcap: float | None = ...,
+    loss_weights: torch.Tensor | None = ...,
     chunk_size: int | None = ...,
     return_correct: Literal[True],
     sync_free: bool = ...,
@@ -151,6 +154,7 @@ def fused_linear_cross_entropy(
     z_loss: float = ...,
     logit_scale: float = ...,
     logit_softcap: float | None = ...,
+    loss_weights: torch.Tensor | None = ...,
     chunk_size: int | None = ...,
     return_correct: bool,
     sync_free: bool = ...,
@@ -173,6 +177,7 @@ def fused_linear_cross_entropy(
     z_loss: float = 0.0,
     logit_scale: float = 1.0,
     logit_softcap: float | None = None,
+    loss_weights: torch.Tensor | None = None,
     chunk_size: int | None = None,
     return_correct: bool = False,
     sync_free: bool = False,
@@ -190,9 +195,10 @@ def fused_linear_cross_entropy(
             Moved to ``hidden``'s device.
         bias: optional ``[vocab]`` lm_head bias.
         shift, ignore_index, reduction, num_items_in_batch, label_smoothing, z_loss, logit_scale,
-            logit_softcap, loss_type: exactly as :func:`hf_shift_loss.loss.causal_lm_loss` (``"none"`` returns
-            ``labels``' shape, 0 where not trained); the scale and soft-cap are applied to each chunk's
-            logits, with their exact gradient.
+            logit_softcap, loss_type, loss_weights: exactly as :func:`hf_shift_loss.loss.causal_lm_loss`
+            (``"none"`` returns ``labels``' shape, 0 where not trained); the scale and soft-cap are applied
+            to each chunk's logits, with their exact gradient; the weights scale each chunk's losses and
+            their gradient row by row (the trained rows' weights are selected with the rows).
         chunk_size: trained rows per chunk; default :func:`default_chunk_size` (float32 logits of a chunk
             under min(256 MiB, half the float32 weight gradient's size; a quarter with a frozen head)).
         return_correct: also return the number of trained positions whose argmax over the logits equals
@@ -207,7 +213,8 @@ def fused_linear_cross_entropy(
             CUDA graphs. The results equal the default mode's (up to float summation order). The price:
             untrained positions cost the FLOPs of trained ones, and labels are not validated: a label
             outside ``[0, vocab)`` that is not ``ignore_index`` is NOT reported, it is treated as
-            ``ignore_index`` (no loss, no gradient, not counted by ``"mean"`` nor by ``return_correct``).
+            ``ignore_index`` (no loss, no gradient, not counted by ``"mean"`` nor by ``return_correct``);
+            ``loss_weights`` are not checked for finite values either.
 
     Returns:
         The loss: a float32 scalar (``"mean"``, ``"sum"``) or a float32 tensor shaped like ``labels``
@@ -220,8 +227,8 @@ def fused_linear_cross_entropy(
             ``ignore_index`` (not checked with ``sync_free=True``), or an option is out of range.
 
     Host syncs: validating the labels (one ``.any()``, as ``causal_lm_loss``) and selecting the trained
-    rows (``nonzero`` needs their count to size the chunks): two small syncs per call, the price of
-    skipping untrained positions entirely. ``sync_free=True`` has none (all checks then are on shapes,
+    rows (``nonzero`` needs their count to size the chunks): two small syncs per call (a third checks
+    that ``loss_weights`` are finite), the price of skipping untrained positions entirely. ``sync_free=True`` has none (all checks then are on shapes,
     dtypes and options, known without reading a tensor).
 
     Examples:
@@ -273,6 +280,14 @@ def fused_linear_cross_entropy(
         grad_enabled and bias is not None and bias.requires_grad,
     )
     flat_targets = targets.reshape(-1)
+    flat_weights = (
+        None
+        if loss_weights is None
+        else prepare_loss_weights(
+            loss_weights, labels, shift=shift, device=hidden.device, validate=not sync_free
+        ).reshape(-1)
+    )
+    kernel_weights = None
     if sync_free:
         # Every position, masked inside the kernel: shapes depend only on the input shapes and the options,
         # never on the labels' values (no nonzero, no .any(), no .item()). A position is trained when its
@@ -280,12 +295,15 @@ def fused_linear_cross_entropy(
         trained = (flat_targets != ignore_index) & (flat_targets >= 0) & (flat_targets < vocab_size)
         rows, kernel_mask = None, trained
         kernel_targets = torch.where(trained, flat_targets, torch.zeros_like(flat_targets))
+        if flat_weights is not None:  # an untrained row's weight (even inf or NaN, unchecked here) reads 0
+            kernel_weights = torch.where(trained, flat_weights, torch.zeros_like(flat_weights))
     else:
         validate_labels(targets, vocab_size, ignore_index)
         trained = flat_targets != ignore_index
         # The one unavoidable sync of skipping untrained rows: the number of trained rows sizes the chunks.
         rows, kernel_mask = trained.nonzero().squeeze(1), None
         kernel_targets = flat_targets.index_select(0, rows)
+        kernel_weights = None if flat_weights is None else flat_weights.index_select(0, rows)
     if chunk_size is None:
         chunk_size = default_chunk_size(
             kernel_targets.shape[0], vocab_size, hidden_size, weight.requires_grad
@@ -299,6 +317,7 @@ def fused_linear_cross_entropy(
         rows,
         kernel_targets,
         kernel_mask,
+        kernel_weights,
         chunk_size,
         float(label_smoothing),
         float(z_loss),

@@ -32,6 +32,7 @@ __all__ = [
     "call_as_lm_head",
     "get_output_head",
     "lm_head_returns_hidden_states",
+    "record_lm_head_input",
 ]
 
 # How each model type's forward scales lm_head(hidden): (config attribute, +1 multiply / -1 divide), as
@@ -276,3 +277,33 @@ def call_as_lm_head(head: OutputHead, function: Callable[..., Any], *args: Any) 
     """
     with _forward_replaced(head.lm_head, function, device_hooks=True):
         return head.lm_head(*args)
+
+
+@contextlib.contextmanager
+def record_lm_head_input(model: nn.Module) -> Iterator[HiddenStates]:
+    """Inside this block the model's lm_head records its input (``[batch, seq, hidden]``) and runs as usual.
+
+    The eager path's counterpart of :func:`lm_head_returns_hidden_states`: a forward pre-hook on
+    ``get_output_embeddings()`` (looked for through DDP/FSDP ``.module`` wrappers; peft models answer
+    it themselves). Nothing is recorded for a model without one (``recorded.hidden`` stays None).
+    """
+    recorded = HiddenStates()
+    head = None
+    for _ in range(8):
+        get_output_embeddings = getattr(model, "get_output_embeddings", None)
+        if get_output_embeddings is not None:
+            head = get_output_embeddings()
+            break
+        model = getattr(model, "module", None)
+        if model is None:
+            break
+
+    def record(_: nn.Module, args: tuple) -> None:
+        recorded(args[0])
+
+    handle = None if head is None else head.register_forward_pre_hook(record)
+    try:
+        yield recorded
+    finally:
+        if handle is not None:
+            handle.remove()

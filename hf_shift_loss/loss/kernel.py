@@ -205,7 +205,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     forward inputs: ``hidden`` ``[positions, H]`` (all positions; rows are gathered per chunk so no
     ``[trained, H]`` copy is made), ``weight`` ``[V, H]``, ``bias`` ``[V]`` or None, ``rows`` ``[trained]``
-    int64 indices into ``hidden``, ``targets`` ``[trained]``, ``trained`` None.
+    int64 indices into ``hidden``, ``targets`` ``[trained]``, ``trained`` None, ``loss_weights``
+    ``[trained]`` float32 (``[positions]`` in sync-free mode) or None: a per-row scale of the loss and of
+    its gradient, applied chunk by chunk (no gradient flows into the weights).
 
     Sync-free mode (``rows`` None): every row of ``hidden`` is processed, ``targets`` ``[positions]`` holds
     an in-range id everywhere, and ``trained`` ``[positions]`` (bool) says which rows count: the others get
@@ -231,6 +233,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         rows: torch.Tensor | None,
         targets: torch.Tensor,
         trained: torch.Tensor | None,
+        loss_weights: torch.Tensor | None,
         chunk_size: int,
         label_smoothing: float,
         z_loss: float,
@@ -245,8 +248,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         device = hidden.device
         # Scalar loss: gradients now, while the logits are in memory (module docstring, point 3).
         grads_in_forward = not per_token and any(needs_grad)
-        # Sync-free mode: a 0/1 factor per row, the upstream gradient of its token in the forward pass.
+        # The upstream gradient of each row's token in the forward pass: its loss weight, times 0/1 for
+        # trained in sync-free mode.
         row_weights = None if trained is None else trained.to(torch.float32)
+        if loss_weights is not None:
+            row_weights = loss_weights if row_weights is None else row_weights * loss_weights
 
         summed_loss = torch.zeros((), dtype=torch.float32, device=device)
         token_losses = torch.empty(num_rows if per_token else 0, dtype=torch.float32, device=device)
@@ -272,11 +278,14 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 entropy_sum.add_((entropies if trained is None else entropies * trained[span]).sum())
             if trained is not None:
                 losses = torch.where(trained[span], losses, torch.zeros_like(losses))
+            # The weighting (loss_type="dft") reads the plain token losses, before any loss weight.
             weights = None if weighting is None else weighting(losses)
             if weights is not None:
                 losses = losses * weights
                 if per_token:
                     token_weights[span] = weights
+            if loss_weights is not None:
+                losses = losses * loss_weights[span]
             if per_token:
                 token_losses[span] = losses
                 log_partitions[span] = log_partition
@@ -310,7 +319,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         ctx.options = (chunk_size, label_smoothing, z_loss, transform, needs_grad)
         gradients = (None, None, None) if grads is None else (grads.hidden, grads.weight, grads.bias)
         if per_token:
-            ctx.save_for_backward(hidden, weight, bias, rows, targets, trained, log_partitions, token_weights)
+            ctx.save_for_backward(
+                hidden, weight, bias, rows, targets, trained, loss_weights, log_partitions, token_weights
+            )
             ctx.weighted = weighting is not None
         elif ctx.sync_free:
             # Saved tensors, not a ctx attribute: what torch.compile traces (and autograd's own version
@@ -322,7 +333,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_correct: torch.Tensor | None, _grad_entropy=None):
-        no_grad_for_options = (None,) * 12
+        no_grad_for_options = (None,) * 13
         if not ctx.per_token:
             if ctx.sync_free:
                 gradients = ctx.saved_tensors
@@ -339,7 +350,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             scaled = [None if g is None else g.mul_(grad_loss) for g in gradients]
             return (*_to_dtypes(scaled, ctx.input_dtypes), *no_grad_for_options)
 
-        hidden, weight, bias, rows, targets, trained, log_partitions, token_weights = ctx.saved_tensors
+        hidden, weight, bias, rows, targets, trained, loss_weights, log_partitions, token_weights = (
+            ctx.saved_tensors
+        )
         chunk_size, label_smoothing, z_loss, transform, needs_grad = ctx.options
         grad_loss = grad_loss.float()
         if ctx.weighted:  # d(weight * loss) = weight * d(loss): the weight is detached
@@ -347,6 +360,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         if trained is not None:
             # Untrained rows get exactly 0, whatever their upstream gradient (even inf or NaN).
             grad_loss = torch.where(trained, grad_loss, torch.zeros_like(grad_loss))
+        if loss_weights is not None:
+            grad_loss = grad_loss * loss_weights
 
         def grad_of_chunk(span: slice, logits: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
             # The forward's logsumexp is reused: softmax = exp(logits - lse), one pass fewer than forward.

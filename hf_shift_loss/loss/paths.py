@@ -9,12 +9,18 @@
 
 :func:`choose_loss_path` is the one place that decides, and says why when it falls back to eager.
 Both paths have the same call: ``path(model, model_inputs, labels, shift=True, reduction="mean",
-num_items_in_batch=None, count_correct=False) -> LossResult``, ``model_inputs`` being the batch
-without its labels. The trainer, the tests and docs/fused-loss.md all run the loss this way.
+num_items_in_batch=None, count_correct=False, loss_weights=None, token_loss=None) -> LossResult``,
+``model_inputs`` being the batch without its labels. The trainer, the tests and docs/fused-loss.md all
+run the loss this way.
+
+Both paths hand on the model's outputs with ``last_hidden_state``: the hidden states ``[batch, seq,
+hidden]`` the lm_head takes (for auxiliary losses and probes). The fused path's outputs have no logits:
+reading ``outputs.logits`` there raises :class:`LogitsNotComputedError`, which says what to use instead.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,7 +29,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from hf_shift_loss.loss.eager import causal_lm_loss, count_correct_tokens, sum_token_entropy
+from hf_shift_loss.loss.eager import (
+    TokenLoss,
+    apply_token_loss,
+    causal_lm_loss,
+    count_correct_tokens,
+    sum_token_entropy,
+)
 from hf_shift_loss.loss.fused import fused_linear_cross_entropy
 from hf_shift_loss.loss.heads import (
     OutputHead,
@@ -31,10 +43,29 @@ from hf_shift_loss.loss.heads import (
     call_as_lm_head,
     get_output_head,
     lm_head_returns_hidden_states,
+    record_lm_head_input,
 )
 from hf_shift_loss.options import LOSS_IMPLS, LossImpl, LossType, Reduction, check_choice
 
-__all__ = ["EagerLoss", "FusedLoss", "LossResult", "choose_loss_path"]
+__all__ = ["EagerLoss", "FusedLoss", "LogitsNotComputedError", "LossResult", "choose_loss_path"]
+
+NO_LOGITS_MESSAGE = (
+    "the fused loss path made no logits: it applies the lm_head chunk by chunk inside the loss, so the "
+    "[batch, seq, vocab] logits never exist. Read outputs.last_hidden_state instead (the hidden states "
+    "[batch, seq, hidden] the lm_head takes: auxiliary losses, probes), or set loss_impl='eager' to get "
+    "outputs.logits (docs/extending.md)"
+)
+
+
+class LogitsNotComputedError(AttributeError, KeyError):
+    """``outputs.logits`` (or ``outputs["logits"]``) read from the fused path, which computes no logits.
+
+    An ``AttributeError`` (so ``hasattr(outputs, "logits")`` is False) and a ``KeyError``.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else NO_LOGITS_MESSAGE
+
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +101,8 @@ class _LossPath:
         num_items_in_batch: torch.Tensor | int | None = None,
         count_correct: bool = False,
         measure_entropy: bool = False,
+        loss_weights: torch.Tensor | None = None,
+        token_loss: TokenLoss | None = None,
     ) -> LossResult:
         """Run ``model(**model_inputs)`` (wrapped as it is: DDP, FSDP2, peft) and the loss of ``labels``.
 
@@ -84,9 +117,26 @@ class _LossPath:
                 accuracy).
             measure_entropy: also sum the entropy of the predicted distribution over the trained tokens
                 (the logged ``entropy``).
+            loss_weights: ``[batch, seq]`` float weight per token, aligned with ``labels``
+                (:func:`hf_shift_loss.causal_lm_loss`).
+            token_loss: a per-token loss, ``[trained]`` losses to ``[trained]`` values, applied before the
+                weights and the reduction (:func:`hf_shift_loss.loss.apply_token_loss`); the path then
+                computes per-token losses (``reduction="none"``; the fused path recomputes its logits in
+                backward).
+
+        Returns:
+            :class:`LossResult`; its ``outputs`` carry ``last_hidden_state`` ``[batch, seq, hidden]`` (the
+            lm_head's input), except from an eager model without ``get_output_embeddings()``.
         """
         options = {"shift": shift, "reduction": reduction, "num_items_in_batch": num_items_in_batch}
-        result = self._run(model, model_inputs, labels, options, count_correct, measure_entropy)
+        if token_loss is None:
+            with_weights = options | {"loss_weights": loss_weights}
+            result = self._run(model, model_inputs, labels, with_weights, count_correct, measure_entropy)
+        else:
+            per_token = options | {"reduction": "none", "num_items_in_batch": None, "loss_weights": None}
+            result = self._run(model, model_inputs, labels, per_token, count_correct, measure_entropy)
+            loss = apply_token_loss(result.loss, labels, token_loss, loss_weights=loss_weights, **options)
+            result = result._replace(loss=loss)
         aux_loss = result.outputs.get("aux_loss") if isinstance(result.outputs, dict) else None
         if aux_loss is None or not self.router_aux_loss_coef:
             return result
@@ -124,7 +174,10 @@ class EagerLoss(_LossPath):
         count_correct: bool,
         measure_entropy: bool,
     ) -> LossResult:
-        outputs = model(**model_inputs)
+        with record_lm_head_input(model) as recorded:
+            outputs = model(**model_inputs)
+        if isinstance(outputs, dict) and recorded.hidden is not None:
+            outputs["last_hidden_state"] = recorded.hidden
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         loss = causal_lm_loss(
             logits,
@@ -205,8 +258,50 @@ class FusedLoss(_LossPath):
         correct = extras.pop(0) if count_correct else None
         entropy = extras.pop(0) if measure_entropy else None
         if isinstance(outputs, dict):  # its "logits" are hidden states: hand them on without
-            outputs = type(outputs)(**{key: value for key, value in outputs.items() if key != "logits"})
+            kept = {key: value for key, value in outputs.items() if key != "logits"}
+            outputs = _without_logits(type(outputs))(**kept)
+            outputs["last_hidden_state"] = recorded.hidden
         return LossResult(loss, correct, outputs, entropy_sum=entropy)
+
+
+@functools.cache
+def _without_logits(output_class: type) -> type:
+    """``output_class`` (a transformers ``ModelOutput``) whose ``logits`` raise :class:`LogitsNotComputedError`.
+
+    A subclass made once per output class: the same fields, dict keys and pytree registration, with a
+    ``logits`` that can only be None (what the dataclass ``__init__`` writes) and is never read as None:
+    ``outputs.logits.float()`` would otherwise fail far from its cause, on ``'NoneType' object``.
+    """
+
+    def get_logits(self: Any) -> None:
+        raise LogitsNotComputedError(NO_LOGITS_MESSAGE)
+
+    def set_logits(self: Any, value: Any) -> None:
+        if value is not None:
+            raise LogitsNotComputedError(NO_LOGITS_MESSAGE)
+
+    def get_item(self: Any, key: Any) -> Any:
+        if key == "logits":
+            raise LogitsNotComputedError(NO_LOGITS_MESSAGE)
+        return output_class.__getitem__(self, key)
+
+    def representation(self: Any) -> str:  # the dataclass repr would read every field, logits included
+        items = ", ".join(f"{key}={value!r}" for key, value in self.items())
+        return f"{type(self).__name__}({items})"
+
+    return type(
+        output_class.__name__,
+        (output_class,),
+        {
+            "__module__": __name__,
+            "__doc__": f"{output_class.__name__} from the fused loss path: no logits (see LogitsNotComputedError).",
+            "logits": property(get_logits, set_logits),
+            "__getitem__": get_item,
+            "__repr__": representation,
+            "__eq__": dict.__eq__,
+            "__hash__": None,
+        },
+    )
 
 
 def _unsharded(parameter: torch.Tensor | None) -> torch.Tensor | None:
