@@ -72,6 +72,8 @@ _BUILT_IN_LOG_NAMES = frozenset(
         "grad_norm",
         "learning_rate",
         "epoch",
+        "step",
+        "num_input_tokens_seen",
         "trained_tokens",
         "total_trained_tokens",
         "token_accuracy",

@@ -108,9 +108,9 @@ def read_variants(out: str, variants) -> dict[str, dict]:
     return {variant: _read_result(os.path.join(out, variant)) for variant in variants}
 
 
-def _run_single(out: str, loss_impl: str = "eager") -> dict:
+def _run_single(out: str, loss_impl: str = "eager", *options: str) -> dict:
     command = [sys.executable, SCRIPT, "--out", out, "--per-device-batch", "8", "--accumulation", "1"]
-    return _run(command + ["--loss-impl", loss_impl], out)
+    return _run(command + ["--loss-impl", loss_impl, *options], out)
 
 
 def _run_two_ranks(
@@ -205,6 +205,23 @@ def test_two_ranks_with_the_fused_loss_match_one_process(reference, tmp_path):
     assert fused["batches"] == {"rank0": [[0, 1], [4, 5]], "rank1": [[2, 3], [6, 7]]}
     assert _max_relative_difference(fused["update"], fused_reference["update"]) < 1e-4
     assert fused["logged_loss"] == pytest.approx(reference["reference_token_mean"], rel=1e-5)
+
+
+def test_two_ranks_with_uneven_loss_weights_match_one_process(tmp_path):
+    """Per-token weights and a log_metric value: two ranks x accumulation 2 == one process, batch 8."""
+    single = _run_single(str(tmp_path / "one"), "fused", "--weighted")
+    ranks = _run_two_ranks(str(tmp_path / "two"), True, "fused", "--weighted")
+    assert ranks["fused"] is True and ranks["world_size"] == 2
+    weighted_mean = sum(single["example_loss_sums"]) / sum(single["example_trained_tokens"])
+    assert single["logged_loss"] == pytest.approx(weighted_mean, rel=1e-5)
+    assert ranks["logged_loss"] == pytest.approx(weighted_mean, rel=1e-5)
+    assert _max_relative_difference(ranks["update"], single["update"]) < 1e-4
+    # The weights changed the loss (the unweighted run's mean is another number) ...
+    unweighted = _run_single(str(tmp_path / "plain"), "fused")
+    assert unweighted["logged_loss"] != pytest.approx(weighted_mean, rel=1e-3)
+    # ... and the logged metric is the token mean over every micro-batch of both ranks.
+    assert 0.25 < single["mean_weight"] < 2.25
+    assert ranks["mean_weight"] == pytest.approx(single["mean_weight"], rel=1e-6)
 
 
 def _launch_two_ranks(script: str, *script_args: str) -> subprocess.CompletedProcess:

@@ -17,7 +17,9 @@ The same runs under any launcher: DeepSpeed (``accelerate launch --use_deepspeed
 ...``: the script then sets ``ddp_backend="gloo"``, tests/test_deepspeed.py), FSDP2 (tests/test_fsdp.py),
 two "machines" (tests/test_multi_node.py). ``--variants untied-fused,tied-eager,...`` trains several model
 variants (:data:`VARIANTS`) one after another in one launch, each into ``--out/NAME``; ``--evaluate`` also
-evaluates the 8 examples after the step.
+evaluates the 8 examples after the step. ``--weighted`` gives every token an uneven ``loss_weights`` value,
+and the trainer subclass logs the trained tokens' mean weight with ``log_metric`` (a token mean over
+every micro-batch of every rank: the same number as one process's).
 
 Writes into --out: ``update.pt`` (rank 0: parameter after - before, ``{name: tensor}``, gathered whole
 under FSDP2 and ZeRO-3), ``result.json`` (rank 0: logged loss, the global token mean and the per-example
@@ -50,16 +52,32 @@ VOCAB_SIZE = 128
 SHAPES = [(2, 2), (3, 40), (5, 3), (1, 30), (8, 2), (2, 45), (10, 4), (4, 20)]
 
 
-def make_examples() -> list[dict]:
-    """8 pre-tokenized examples; labels aligned with input_ids, -100 on the prompt."""
+def make_examples(weighted: bool = False) -> list[dict]:
+    """8 pre-tokenized examples; labels aligned with input_ids, -100 on the prompt; uneven weights in
+    [0.25, 2.25) per token when ``weighted``."""
     generator = torch.Generator().manual_seed(1234)
+    weight_generator = torch.Generator().manual_seed(99)
     examples = []
     for index, (prompt_length, completion_length) in enumerate(SHAPES):
         input_ids = torch.randint(0, VOCAB_SIZE, (prompt_length + completion_length,), generator=generator)
         labels = input_ids.clone()
         labels[:prompt_length] = -100
         examples.append({"idx": index, "input_ids": input_ids.tolist(), "labels": labels.tolist()})
+        if weighted:
+            weights = 0.25 + 2 * torch.rand(len(input_ids), generator=weight_generator)
+            examples[-1]["loss_weights"] = weights.tolist()
     return examples
+
+
+class WeightLoggingTrainer(ShiftLossTrainer):
+    """Logs the mean weight of the trained tokens, weighted by their number (a token mean)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            trained = inputs["labels"][:, 1:] != -100
+            weights = inputs["loss_weights"][:, 1:][trained]
+            self.log_metric("mean_weight", weights.mean(), weight=trained.sum())
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
 class RecordingCollator:
@@ -75,24 +93,32 @@ class RecordingCollator:
         input_ids = torch.zeros((len(examples), longest), dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
         labels = torch.full_like(input_ids, -100)
+        weights = torch.zeros(input_ids.shape) if "loss_weights" in examples[0] else None
         for row, example in enumerate(examples):
             length = len(example["input_ids"])
             input_ids[row, :length] = torch.tensor(example["input_ids"])
             attention_mask[row, :length] = 1
             labels[row, :length] = torch.tensor(example["labels"])
+            if weights is not None:
+                weights[row, :length] = torch.tensor(example["loss_weights"])
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if weights is not None:
+            batch["loss_weights"] = weights
         return BatchEncoding(batch) if self.batch_encoding else batch
 
 
 @torch.no_grad()
 def example_losses(model: LlamaForCausalLM, examples: list[dict]) -> tuple[list[float], list[int]]:
-    """Per example, one at a time: sum of CE over its trained targets, and their number."""
+    """Per example, one at a time: sum of (weighted) CE over its trained targets, and their number."""
     sums, counts = [], []
     for example in examples:
         input_ids = torch.tensor([example["input_ids"]])
         targets = torch.tensor(example["labels"][1:])
         logits = model(input_ids).logits[0, :-1].float()
-        sums.append(F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item())
+        losses = F.cross_entropy(logits, targets, ignore_index=-100, reduction="none")
+        if "loss_weights" in example:
+            losses = losses * torch.tensor(example["loss_weights"][1:])
+        sums.append(losses.sum().item())
         counts.append(int((targets != -100).sum()))
     return sums, counts
 
@@ -141,7 +167,7 @@ def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def train_variant(options: argparse.Namespace, out: str, loss_impl: str, tie: bool, lora: bool):
     """One optimizer step of one model variant; rank 0 writes ``update.pt`` and ``result.json`` into ``out``."""
     os.makedirs(out, exist_ok=True)
-    examples = make_examples()
+    examples = make_examples(options.weighted)
     model = tiny_llama(VOCAB_SIZE, tie_word_embeddings=tie)
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
     args = ShiftLossArguments(
@@ -176,7 +202,8 @@ def train_variant(options: argparse.Namespace, out: str, loss_impl: str, tie: bo
         if lora
         else None
     )
-    trainer = ShiftLossTrainer(
+    trainer_class = WeightLoggingTrainer if options.weighted else ShiftLossTrainer
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(examples),
@@ -205,6 +232,7 @@ def train_variant(options: argparse.Namespace, out: str, loss_impl: str, tie: bo
             "example_loss_sums": loss_sums,
             "example_trained_tokens": trained_counts,
             "trained_tokens": logged[0].get("trained_tokens"),
+            "mean_weight": logged[0].get("mean_weight"),
             "world_size": trainer.accelerator.num_processes,
             "fused": trainer.loss_path(trainer.model).name == "fused",
             "zero3_seen_by_the_loss_path": trainer._zero3_config() is not None,
@@ -237,6 +265,7 @@ def main() -> None:
         "--out/NAME (instead of --loss-impl/--tie into --out)",
     )
     parser.add_argument("--evaluate", action="store_true", help="also evaluate the 8 examples after the step")
+    parser.add_argument("--weighted", action="store_true", help="uneven loss_weights, and log their mean")
     options = parser.parse_args()
     avoid_deepspeed_shm_build()
     if options.variants:
