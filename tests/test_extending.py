@@ -8,7 +8,6 @@ snippet on both paths, and extra metrics averaged over the log window.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -244,7 +243,10 @@ def test_uneven_weights_packed_and_padding_free_equal_padded(tmp_path, loss_impl
 
 
 def test_a_per_example_weight_is_the_per_token_weight_broadcast(tmp_path):
-    rows = [{"prompt": p, "completion": c, "loss_weights": w} for (p, c), w in zip(PAIRS, [1, 3, 0.5, 2])]
+    rows = [
+        {"prompt": p, "completion": c, "loss_weights": w}
+        for (p, c), w in zip(PAIRS, [1, 3, 0.5, 2], strict=True)
+    ]
     by_example, example_logs, _ = train(tmp_path, rows)
     broadcast = weighted_rows(scale=1.0)
     for row, weight in zip(broadcast, [1, 3, 0.5, 2], strict=True):
