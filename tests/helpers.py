@@ -11,6 +11,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+from hf_shift_loss import ShiftLossArguments
+
 # The tiny Llama builder lives with the recipe's models (recipes/sft_models.py); 2-rank scripts import
 # this module without the tests' conftest, so the path is set here.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes"))
@@ -69,6 +71,30 @@ def tiny_llama(
         seed=seed,
         attn_implementation=attn_implementation,
     )
+
+
+def make_args(output_dir, **overrides) -> ShiftLossArguments:
+    """One optimizer step of plain SGD on the CPU, batch 4, no clipping: updates comparable exactly."""
+    defaults = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        max_steps=1,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,  # no clipping: the update is exactly lr * gradient
+        weight_decay=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+    )
+    defaults.update(overrides)
+    return ShiftLossArguments(**defaults)
 
 
 # The fused-loss tests' default shape: batch, sequence, hidden size, vocabulary.

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from helpers import tiny_llama, word_tokenizer
+from helpers import fused_inputs, make_args, tiny_llama, word_tokenizer
 
 from hf_shift_loss import ShiftLossArguments, ShiftLossTrainer, causal_lm_loss, fused_linear_cross_entropy
 from hf_shift_loss.data import Batcher, Encoder, prepare_dataset
@@ -51,28 +51,9 @@ def unweighted(rows: list[dict]) -> list[dict]:
     return [{key: value for key, value in row.items() if key != "loss_weights"} for row in rows]
 
 
-def make_args(tmp_path, **overrides) -> ShiftLossArguments:
-    options = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=1,
-        max_steps=1,
-        learning_rate=0.5,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,  # no clipping: the update is exactly lr * gradient
-        weight_decay=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        train_sampling_strategy="sequential",
-        max_length=24,
-        seed=0,
-    )
-    options.update(overrides)
-    return ShiftLossArguments(**options)
+def one_step_args(tmp_path, **overrides) -> ShiftLossArguments:
+    options = {"train_sampling_strategy": "sequential", "max_length": 24} | overrides
+    return make_args(tmp_path, **options)
 
 
 def train(tmp_path, rows, trainer_class=ShiftLossTrainer, model=None, **overrides):
@@ -81,7 +62,7 @@ def train(tmp_path, rows, trainer_class=ShiftLossTrainer, model=None, **override
     name = "-".join(f"{key}{value}" for key, value in sorted(overrides.items())) or "default"
     trainer = trainer_class(
         model=model if model is not None else tiny_llama(len(tokenizer)),
-        args=make_args(tmp_path / f"{trainer_class.__name__}-{name}", **overrides),
+        args=one_step_args(tmp_path / f"{trainer_class.__name__}-{name}", **overrides),
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
     )
@@ -162,7 +143,7 @@ def test_the_issue_snippet_trains_with_the_eager_loss(tmp_path):
 
 
 def test_fused_outputs_have_no_logits_to_read(tmp_path):
-    trainer = ShiftLossTrainer(model=tiny_llama(len(word_tokenizer())), args=make_args(tmp_path))
+    trainer = ShiftLossTrainer(model=tiny_llama(len(word_tokenizer())), args=one_step_args(tmp_path))
     batch = Batcher(pad_token_id=0)(unweighted(weighted_rows()))
     _, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True)
     assert not hasattr(outputs, "logits") and "logits" not in outputs
@@ -269,6 +250,43 @@ def test_packing_moves_the_weights_with_their_tokens():
     assert packed["input_ids"] == [[6, 7, 8, 9], [1, 2, 3, 4, 5]]
     assert packed["loss_weights"] == [[0.6, 0.7, 0.8, 0.9], [0.1, 0.2, 0.3, 0.4, 0.5]]
     assert packed["labels"][1] == [-100, 2, 3, -100, 5]  # the boundary token stays untrained
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("sync_free", [False, True])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3}])
+def test_fused_weights_equal_eager_weights_with_their_gradients(reduction, sync_free, options):
+    """Loss and gradients wrt hidden, weight and bias; chunks of 5 rows, so weights cross chunks."""
+    hidden, weight, bias, labels = fused_inputs(with_bias=True)
+    weights = 0.25 + 2 * torch.rand(labels.shape, generator=torch.Generator().manual_seed(7))
+    upstream = torch.rand(labels.shape, generator=torch.Generator().manual_seed(8))  # for "none"
+
+    def run(loss_of):
+        for tensor in (hidden, weight, bias):
+            tensor.grad = None
+        loss = loss_of(loss_weights=weights, reduction=reduction, **options)
+        (loss * upstream if reduction == "none" else loss).sum().backward()
+        return [loss.detach(), hidden.grad.clone(), weight.grad.clone(), bias.grad.clone()]
+
+    expected = run(lambda **kwargs: causal_lm_loss(hidden @ weight.T + bias, labels, **kwargs))
+    actual = run(
+        lambda **kwargs: fused_linear_cross_entropy(
+            hidden, weight, labels, bias=bias, chunk_size=5, sync_free=sync_free, **kwargs
+        )
+    )
+    for got, want in zip(actual, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    unweighted = causal_lm_loss(hidden @ weight.T + bias, labels, reduction=reduction, **options)
+    assert not torch.allclose(expected[0], unweighted)
+
+
+def test_sync_free_ignores_the_weight_of_an_untrained_position():
+    hidden, weight, _, labels = fused_inputs()
+    weights = torch.ones(labels.shape)
+    untrained = (labels == -100).nonzero()[0]
+    weights[tuple(untrained)] = math.nan  # unchecked in sync-free mode, and never read
+    loss = fused_linear_cross_entropy(hidden, weight, labels, loss_weights=weights, sync_free=True)
+    torch.testing.assert_close(loss, fused_linear_cross_entropy(hidden, weight, labels), rtol=1e-6, atol=0)
 
 
 def test_bad_weights_are_named_by_row_and_position(tmp_path):
@@ -385,7 +403,7 @@ def test_log_metric_is_averaged_over_the_logging_window(tmp_path):
 
 
 def test_log_metric_refuses_built_in_names_and_tensors_of_many_values(tmp_path):
-    trainer = ShiftLossTrainer(model=tiny_llama(len(word_tokenizer())), args=make_args(tmp_path))
+    trainer = ShiftLossTrainer(model=tiny_llama(len(word_tokenizer())), args=one_step_args(tmp_path))
     with pytest.raises(ValueError, match="'token_accuracy'"):
         trainer.log_metric("token_accuracy", 1.0)
     with pytest.raises(ValueError, match="'eval_x'"):

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from helpers import tiny_llama, word_tokenizer
+from helpers import make_args, tiny_llama, word_tokenizer
 from peft import LoraConfig, get_peft_model
 
-from hf_shift_loss import PromptMaskingCollator, ShiftLossArguments, ShiftLossTrainer, causal_lm_loss
+from hf_shift_loss import PromptMaskingCollator, ShiftLossTrainer, causal_lm_loss
 from hf_shift_loss.loss.eager import sum_token_entropy
 
 # Very different trained-token counts per example: 1, 2, 11 and 4 answer tokens, each + eos.
@@ -19,29 +19,6 @@ EXAMPLES = [
     {"prompt": "a <sep>", "completion": "it was written by a big river and a small city"},
     {"prompt": "what is the capital of France <sep>", "completion": "The capital is Paris"},
 ]
-
-
-def make_args(tmp_path, **overrides):
-    defaults = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=1,
-        max_steps=1,
-        learning_rate=0.5,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,  # no clipping: the update is exactly lr * gradient
-        weight_decay=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-    )
-    defaults.update(overrides)
-    return ShiftLossArguments(**defaults)
 
 
 def train_one_step(model, tmp_path, **overrides):
