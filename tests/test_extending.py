@@ -149,7 +149,12 @@ def test_fused_outputs_have_no_logits_to_read(tmp_path):
     assert not hasattr(outputs, "logits") and "logits" not in outputs
     with pytest.raises(KeyError, match="loss_impl='eager'"):
         outputs["logits"]
-    assert "last_hidden_state" in repr(outputs)
+    assert outputs.last_hidden_state.shape == (*batch["input_ids"].shape, 32)
+    # An attribute, not a key: Trainer.prediction_step hands every key to compute_metrics as predictions.
+    assert "last_hidden_state" not in outputs and "last_hidden_state" not in repr(outputs)
+    eager = ShiftLossTrainer(model=trainer.model, args=one_step_args(tmp_path, loss_impl="eager"))
+    _, outputs = eager.compute_loss(eager.model, batch, return_outputs=True)
+    assert "last_hidden_state" not in outputs and outputs.logits.shape == (*batch["input_ids"].shape, 38)
     assert outputs.last_hidden_state.shape == (*batch["input_ids"].shape, 32)
 
 

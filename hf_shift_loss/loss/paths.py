@@ -125,8 +125,10 @@ class _LossPath:
                 backward).
 
         Returns:
-            :class:`LossResult`; its ``outputs`` carry ``last_hidden_state`` ``[batch, seq, hidden]`` (the
-            lm_head's input), except from an eager model without ``get_output_embeddings()``.
+            :class:`LossResult`; its ``outputs`` carry the attribute ``last_hidden_state`` ``[batch, seq,
+            hidden]`` (the lm_head's input), except from an eager model without ``get_output_embeddings()``.
+            An attribute, not a key: the stock ``Trainer.prediction_step`` hands every key but the loss to
+            ``compute_metrics`` as predictions, and ``to_tuple()`` keeps its order.
         """
         options = {"shift": shift, "reduction": reduction, "num_items_in_batch": num_items_in_batch}
         if token_loss is None:
@@ -177,7 +179,7 @@ class EagerLoss(_LossPath):
         with record_lm_head_input(model) as recorded:
             outputs = model(**model_inputs)
         if isinstance(outputs, dict) and recorded.hidden is not None:
-            outputs["last_hidden_state"] = recorded.hidden
+            outputs.last_hidden_state = recorded.hidden  # an attribute, not a key (__call__ says why)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         loss = causal_lm_loss(
             logits,
@@ -260,7 +262,7 @@ class FusedLoss(_LossPath):
         if isinstance(outputs, dict):  # its "logits" are hidden states: hand them on without
             kept = {key: value for key, value in outputs.items() if key != "logits"}
             outputs = _without_logits(type(outputs))(**kept)
-            outputs["last_hidden_state"] = recorded.hidden
+            outputs.last_hidden_state = recorded.hidden  # an attribute, not a key (__call__ says why)
         return LossResult(loss, correct, outputs, entropy_sum=entropy)
 
 
