@@ -348,9 +348,9 @@ def causal_lm_loss(
 
         >>> weights = torch.tensor([[1.0, 1.0, 1.0, 2.0]])
         >>> causal_lm_loss(logits, labels, loss_weights=weights, reduction="none")
-        tensor([[0.4170, 0.0000, 1.2082, 0.0000]])
+        tensor([[0.4170, 0.0000, 1.2083, 0.0000]])
         >>> print(f"{causal_lm_loss(logits, labels, loss_weights=weights):.8f}")
-        0.81262255
+        0.81264561
     """
     _check_reduction(reduction, label_smoothing, z_loss)
     weighting = token_weighting(loss_type, label_smoothing=label_smoothing, z_loss=z_loss)
