@@ -4,7 +4,9 @@
 this class is the same two steps per batch, for a DataLoader of your own or for a custom Trainer:
 :class:`hf_shift_loss.data.Encoder` (tokenize, mask the prompt, truncate, count) then the batcher (pad).
 Labels follow the project's one convention: aligned with ``input_ids``, -100 where not trained; the
-loss shifts.
+loss shifts. Rows with a ``loss_weights`` column (a float per token, or one per example) give batches
+with float32 ``loss_weights`` aligned with ``labels``, which :class:`hf_shift_loss.ShiftLossTrainer`
+applies (docs/extending.md).
 """
 
 from __future__ import annotations

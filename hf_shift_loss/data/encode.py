@@ -201,7 +201,8 @@ class Encoder:
 
         Returns:
             ``{"input_ids": list[int], "labels": list[int], "trained_tokens": int,
-            "truncated_tokens": int, "truncated_completion": int, "dropped_turns": int}``.
+            "truncated_tokens": int, "truncated_completion": int, "dropped_turns": int}``, and
+            ``"loss_weights": list[float]`` (aligned with ``labels``) when the row has ``loss_weights``.
         """
         if self._uncut is not None:
             return self._keep_one_end(self._uncut(example, index))
