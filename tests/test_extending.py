@@ -298,7 +298,9 @@ def test_bad_weights_are_named_by_row_and_position(tmp_path):
     encoder = Encoder(word_tokenizer())
     with pytest.raises(ValueError, match="row 3: 'loss_weights' has 2 entries but 'input_ids' has 3"):
         encoder({"input_ids": [1, 5, 6], "loss_weights": [1.0, 1.0]}, 3)
-    with pytest.raises(ValueError, match=r"row 2, position 1: loss weight nan"):
+    with pytest.raises(
+        ValueError, match=r"row 2, column 'loss_weights', position 1: loss weight nan is not a finite"
+    ):
         encoder({"input_ids": [1, 5, 6], "loss_weights": [1.0, math.nan, 1.0]}, 2)
     with pytest.raises(ValueError, match="one number for every token"):
         encoder({"prompt": "a", "completion": "yes", "loss_weights": [1.0, 2.0]}, 0)

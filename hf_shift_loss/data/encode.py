@@ -27,7 +27,7 @@ trained token's loss by its weight (docs/extending.md).
 
 from __future__ import annotations
 
-import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -42,7 +42,7 @@ from hf_shift_loss.data.chat import (
 from hf_shift_loss.data.content import row_template_kwargs, text_content
 from hf_shift_loss.data.special import has_special_tokens, special_token_strings
 from hf_shift_loss.data.stats import COUNT_COLUMNS
-from hf_shift_loss.data.validate import token_id_list
+from hf_shift_loss.data.validate import loss_weight_list, token_id_list
 from hf_shift_loss.options import (
     TRAIN_ON,
     TRUNCATION_MODES,
@@ -475,28 +475,19 @@ def _loss_weights(example: Mapping[str, Any], encoded: Mapping[str, Any], where:
     length = len(encoded["input_ids"])
     if weights is None:
         return [1.0] * length
-    if torch.is_tensor(weights):
-        weights = weights.tolist()
-    if isinstance(weights, (int, float)) and not isinstance(weights, bool):
-        values = [float(weights)] * length
-    elif example.get("input_ids") is None:
+    if isinstance(weights, numbers.Real) and not isinstance(weights, bool):
+        return loss_weight_list([weights], where) * length
+    if example.get("input_ids") is None:
         raise ValueError(
             f"{where}: 'loss_weights' is a {type(weights).__name__}; a row that is not pre-tokenized takes one "
             "number for every token of the example (the tokens are not known before encoding), e.g. "
             "{'prompt': ..., 'completion': ..., 'loss_weights': 2.0}"
         )
-    else:
-        given = len(example["input_ids"])
-        if len(weights) != given:
-            raise ValueError(
-                f"{where}: 'loss_weights' has {len(weights)} entries but 'input_ids' has {given}; give one weight "
-                "per token, aligned with input_ids exactly like labels (the loss shifts both)"
-            )
-        values = [float(value) for value in weights[:length]]  # cut where input_ids were cut
-    for position, value in enumerate(values):
-        if not math.isfinite(value):
-            raise ValueError(
-                f"{where}, position {position}: loss weight {value} is not a finite number; give untrained "
-                "positions any finite weight (0 or 1: their label is -100)"
-            )
-    return values
+    values = loss_weight_list(weights, where)
+    given = len(example["input_ids"])
+    if len(values) != given:
+        raise ValueError(
+            f"{where}: 'loss_weights' has {len(values)} entries but 'input_ids' has {given}; give one weight "
+            "per token, aligned with input_ids exactly like labels (the loss shifts both)"
+        )
+    return values[:length]  # cut where input_ids were cut

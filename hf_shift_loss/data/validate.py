@@ -1,11 +1,13 @@
 """Token values checked once, at preparation, with the row, the column and the position in the message.
 
-Two checks, each in one place:
+Three checks, each in one place:
 
 - :func:`token_id_list`: one pre-tokenized row's ``input_ids`` or ``labels`` as integers. Refused:
   bools, strings, nested lists, non-finite or fractional numbers, negative ids, and negative labels
   other than ``-100`` (``-1``, an "ignore" value elsewhere, would be trained here). Vectorized over
   the row (numpy); the Encoder calls it for every pre-tokenized row it encodes.
+- :func:`loss_weight_list`: one row's ``loss_weights`` as floats. Refused: bools, strings, nested
+  lists, NaN and infinities.
 - :func:`check_vocabulary`: every encoded id and label inside the model's embedding, over a whole
   prepared dataset in arrow batches (no Python loop over rows or tokens).
 """
@@ -23,7 +25,7 @@ import torch
 
 from hf_shift_loss.constants import IGNORE_INDEX
 
-__all__ = ["check_vocabulary", "token_id_list"]
+__all__ = ["check_vocabulary", "loss_weight_list", "token_id_list"]
 
 # Rows per arrow batch of the vocabulary check.
 CHECK_BATCH_ROWS = 10_000
@@ -52,7 +54,7 @@ def token_id_list(values: Any, column: str, where: str) -> list[int]:
     except ValueError:  # ragged nested lists
         array = None
     if array is None or array.ndim != 1 or (array.size and array.dtype.kind not in "iuf"):
-        raise _not_a_token_id(values, where)
+        raise _not_a_number_list(values, where, "token id")
     if array.dtype.kind == "f":
         bad = ~np.isfinite(array) | (array != np.round(array))
         if bad.any():
@@ -67,6 +69,42 @@ def token_id_list(values: Any, column: str, where: str) -> list[int]:
         position = int(np.argmax(negative))
         raise ValueError(f"{where}, position {position}: {_negative(column, int(array[position]))}")
     return array.astype(np.int64).tolist()
+
+
+def loss_weight_list(values: Any, where: str) -> list[float]:
+    """``values`` (a list, array or tensor of per-token weights) as a list of floats, or a ValueError
+    naming the first bad value: ``"{where}, column 'loss_weights', position {p}: ..."``.
+
+    Examples:
+        >>> loss_weight_list([1, 0.5, 2.0], "row 0")
+        [1.0, 0.5, 2.0]
+        >>> loss_weight_list([1.0, float("nan")], "row 2")
+        Traceback (most recent call last):
+        ...
+        ValueError: row 2, column 'loss_weights', position 1: loss weight nan is not a finite number; ...
+    """
+    if torch.is_tensor(values):
+        values = values.tolist()
+    where = f"{where}, column 'loss_weights'"
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence | np.ndarray):
+        raise ValueError(
+            f"{where}: expected a list of weights (one number per token), got {type(values).__name__}"
+        )
+    try:
+        array = np.asarray(values)
+    except ValueError:  # ragged nested lists
+        array = None
+    if array is None or array.ndim != 1 or (array.size and array.dtype.kind not in "iuf"):
+        raise _not_a_number_list(values, where, "weight")
+    array = array.astype(np.float64)
+    infinite = ~np.isfinite(array)
+    if infinite.any():
+        position = int(np.argmax(infinite))
+        raise ValueError(
+            f"{where}, position {position}: loss weight {array[position]} is not a finite number; give "
+            "untrained positions any finite weight (0 or 1: their label is -100)"
+        )
+    return array.tolist()
 
 
 def check_vocabulary(dataset: datasets.Dataset, vocab_size: int, name: str) -> None:
@@ -132,18 +170,20 @@ def _negative(column: str, value: int) -> str:
     return f"input id {value} is negative; token ids are >= 0"
 
 
-def _not_a_token_id(values: Sequence[Any], where: str) -> ValueError:
-    """The error for a row that is not a flat list of numbers: names its first bad value."""
+def _not_a_number_list(values: Sequence[Any], where: str, noun: str) -> ValueError:
+    """The error for a row that is not a flat list of numbers (``noun``: "token id", "weight"): names its
+    first bad value."""
     for position, value in enumerate(values):
         if isinstance(value, bool | np.bool_):
-            problem = f"{value!r} is a bool, not a token id"
+            problem = f"{value!r} is a bool, not a {noun}"
         elif isinstance(value, str | bytes):
-            problem = f"{value!r} is a string, not a token id (tokenize the text, or use a 'text' column)"
+            hint = " (tokenize the text, or use a 'text' column)" if noun == "token id" else ""
+            problem = f"{value!r} is a string, not a {noun}{hint}"
         elif isinstance(value, Sequence | np.ndarray):
-            problem = "a nested list, not a token id (one row is one flat list of ids)"
+            problem = f"a nested list, not a {noun} (one row is one flat list)"
         elif not isinstance(value, int | float | np.integer | np.floating):
-            problem = f"{value!r} ({type(value).__name__}) is not a token id"
+            problem = f"{value!r} ({type(value).__name__}) is not a {noun}"
         else:
             continue
         return ValueError(f"{where}, position {position}: {problem}")
-    return ValueError(f"{where}: expected a flat list of token ids, got {values!r:.80}")
+    return ValueError(f"{where}: expected a flat list of {noun}s, got {values!r:.80}")
