@@ -421,19 +421,28 @@ def test_log_metric_refuses_built_in_names_and_tensors_of_many_values(tmp_path):
         trainer.log_metric("x", torch.ones(3))
 
 
-def test_log_metric_window_survives_a_checkpoint(tmp_path):
+def test_log_metric_window_survives_a_checkpoint():
+    """Saved summed over ranks: rank 0 restores the sums, another rank the names at 0 (same names to reduce)."""
     from hf_shift_loss.trainer import _LossMetrics
 
-    metrics = _LossMetrics()
-    metrics.custom.add("x", torch.tensor(2.0), 3.0, torch.device("cpu"))
-    restored = _LossMetrics.from_state(metrics.state(), torch.device("cpu"))
-    restored.custom.add("x", torch.tensor(4.0), 1.0, torch.device("cpu"))
-
-    class Single:
+    class OneProcess:
         num_processes = 1
+
+        @staticmethod
+        def gather(tensor):
+            return tensor
 
         @staticmethod
         def reduce(tensor, reduction):
             return tensor
 
-    assert restored.custom.pop(Single()) == {"x": pytest.approx((2 * 3 + 4) / 4)}
+    cpu = torch.device("cpu")
+    metrics = _LossMetrics()
+    metrics.custom.add("x", torch.tensor(2.0), 3.0, cpu)
+    state = metrics.state(OneProcess(), torch.tensor(0.0), 0)
+    assert state["window_custom"] == {"x": [6.0, 3.0]}
+    restored, _ = _LossMetrics.from_state(state, 0, 1, cpu)
+    restored.custom.add("x", torch.tensor(4.0), 1.0, cpu)
+    assert restored.custom.pop(OneProcess()) == {"x": pytest.approx((2 * 3 + 4) / 4)}
+    other_rank, _ = _LossMetrics.from_state(state, 1, 2, cpu)
+    assert other_rank.custom.sums["x"].tolist() == [0.0, 0.0]
