@@ -560,7 +560,7 @@ class ShiftLossTrainer(Trainer):
             num_items_in_batch=num_items_in_batch if training else None,
             count_correct=training and self.args.log_token_accuracy,
             measure_entropy=training and self.args.log_entropy,
-            loss_weights=inputs.get("loss_weights") if training else None,
+            loss_weights=inputs["loss_weights"] if training and "loss_weights" in inputs else None,
             token_loss=self._token_loss if training else None,
         )
         trained_tokens = count_trained_tokens(targets, shift=shift, per_row=True).to(loss.device)
