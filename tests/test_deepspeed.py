@@ -31,7 +31,16 @@ import pytest
 import torch
 from dist_scripts.train_one_step import VARIANTS
 from helpers import tiny_llama
-from test_distributed import ROOT, SCRIPT, _execute, _free_port, _max_relative_difference, read_variants
+from test_distributed import (
+    ROOT,
+    SCRIPT,
+    _execute,
+    _free_port,
+    _max_relative_difference,
+    _read_result,
+    _run_single,
+    read_variants,
+)
 from transformers import LlamaForCausalLM
 
 from hf_shift_loss.loss.heads import call_as_lm_head, get_output_head
@@ -45,11 +54,9 @@ VOCAB_SIZE = 32  # the unit tests' tiny Llama
 LAUNCH_TIMEOUT_S = 420
 
 
-@pytest.fixture(scope="module", params=["zero2", "zero3", "zero3_offload"])
-def zero(request, tmp_path_factory) -> tuple[int, dict[str, dict]]:
-    """(stage, results per variant) of one two-rank launch with recipes/accelerate/{recipe}.json."""
-    recipe = request.param
-    out = tmp_path_factory.mktemp(recipe)
+def _launch(recipe: str, out, *script_args: str) -> int:
+    """Two ranks of train_one_step.py under recipes/accelerate/{recipe}.json; returns the ZeRO stage."""
+    os.makedirs(out, exist_ok=True)
     with open(os.path.join(RECIPES, f"{recipe}.json"), encoding="utf-8") as file:
         config = json.load(file)
     stage = config["zero_optimization"]["stage"]
@@ -65,10 +72,18 @@ def zero(request, tmp_path_factory) -> tuple[int, dict[str, dict]]:
             *("--dynamo_backend", "no", "--main_process_port", str(_free_port())),
             SCRIPT,
             *("--out", str(out), "--per-device-batch", "2", "--accumulation", "2"),
-            *("--variants", ",".join(VARIANTS), "--evaluate"),
+            *script_args,
         ],
         timeout_s=LAUNCH_TIMEOUT_S,
     )
+    return stage
+
+
+@pytest.fixture(scope="module", params=["zero2", "zero3", "zero3_offload"])
+def zero(request, tmp_path_factory) -> tuple[int, dict[str, dict]]:
+    """(stage, results per variant) of one two-rank launch with recipes/accelerate/{recipe}.json."""
+    out = tmp_path_factory.mktemp(request.param)
+    stage = _launch(request.param, out, "--variants", ",".join(VARIANTS), "--evaluate")
     return stage, read_variants(str(out), VARIANTS)
 
 
@@ -103,6 +118,21 @@ def test_the_one_process_variants_differ(one_process_variants):
     lora = one_process_variants["lora-fused"]["update"]
     assert any("lora_" in name for name in lora)
     assert all(float(update.abs().max()) == 0 for name, update in lora.items() if "lora_" not in name)
+
+
+@pytest.mark.slow
+def test_zero3_loss_weights_and_a_token_loss_equal_one_process(tmp_path):
+    """Uneven loss_weights and the focal token_loss hook under ZeRO-3: the fused loss runs per token and
+    recomputes its logits in backward, inside a call of the partitioned head (gathered again then)."""
+    one = _run_single(str(tmp_path / "one"), "fused", "--weighted", "--focal")
+    assert _launch("zero3", tmp_path / "two", "--loss-impl", "fused", "--weighted", "--focal") == 3
+    two = _read_result(str(tmp_path / "two"))
+    assert two["fused"] and two["zero3_seen_by_the_loss_path"] and two["world_size"] == 2
+    assert two["whole_parameters_at_rest"] == 0 < two["parameters"]
+    assert one["logged_loss"] == pytest.approx(one["reference_token_mean"], rel=1e-5)
+    assert two["logged_loss"] == pytest.approx(one["reference_token_mean"], rel=1e-5)
+    assert _max_relative_difference(two["update"], one["update"]) < 1e-4
+    assert two["mean_weight"] == pytest.approx(one["mean_weight"], rel=1e-6)
 
 
 # ---------------------------------------------------------------- the choice, without launching

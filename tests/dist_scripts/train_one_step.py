@@ -19,7 +19,8 @@ two "machines" (tests/test_multi_node.py). ``--variants untied-fused,tied-eager,
 variants (:data:`VARIANTS`) one after another in one launch, each into ``--out/NAME``; ``--evaluate`` also
 evaluates the 8 examples after the step. ``--weighted`` gives every token an uneven ``loss_weights`` value,
 and the trainer subclass logs the trained tokens' mean weight with ``log_metric`` (a token mean over
-every micro-batch of every rank: the same number as one process's).
+every micro-batch of every rank: the same number as one process's); ``--focal`` makes each token's loss
+the focal loss through the ``token_loss`` hook (the fused path then runs per token).
 
 Writes into --out: ``update.pt`` (rank 0: parameter after - before, ``{name: tensor}``, gathered whole
 under FSDP2 and ZeRO-3), ``result.json`` (rank 0: logged loss, the global token mean and the per-example
@@ -69,6 +70,16 @@ def make_examples(weighted: bool = False) -> list[dict]:
     return examples
 
 
+def focal(token_losses: torch.Tensor) -> torch.Tensor:
+    """Focal loss (gamma 2) of per-token cross-entropies."""
+    return (1 - torch.exp(-token_losses)) ** 2 * token_losses
+
+
+class FocalTrainer(ShiftLossTrainer):
+    def token_loss(self, token_losses: torch.Tensor) -> torch.Tensor:
+        return focal(token_losses)
+
+
 class WeightLoggingTrainer(ShiftLossTrainer):
     """Logs the mean weight of the trained tokens, weighted by their number (a token mean)."""
 
@@ -108,7 +119,9 @@ class RecordingCollator:
 
 
 @torch.no_grad()
-def example_losses(model: LlamaForCausalLM, examples: list[dict]) -> tuple[list[float], list[int]]:
+def example_losses(
+    model: LlamaForCausalLM, examples: list[dict], focal_loss: bool = False
+) -> tuple[list[float], list[int]]:
     """Per example, one at a time: sum of (weighted) CE over its trained targets, and their number."""
     sums, counts = [], []
     for example in examples:
@@ -116,6 +129,8 @@ def example_losses(model: LlamaForCausalLM, examples: list[dict]) -> tuple[list[
         targets = torch.tensor(example["labels"][1:])
         logits = model(input_ids).logits[0, :-1].float()
         losses = F.cross_entropy(logits, targets, ignore_index=-100, reduction="none")
+        if focal_loss:
+            losses = focal(losses)
         if "loss_weights" in example:
             losses = losses * torch.tensor(example["loss_weights"][1:])
         sums.append(losses.sum().item())
@@ -203,6 +218,8 @@ def train_variant(options: argparse.Namespace, out: str, loss_impl: str, tie: bo
         else None
     )
     trainer_class = WeightLoggingTrainer if options.weighted else ShiftLossTrainer
+    if options.focal:
+        trainer_class = type("FocalWeightLogging", (FocalTrainer, trainer_class), {})
     trainer = trainer_class(
         model=model,
         args=args,
@@ -211,7 +228,9 @@ def train_variant(options: argparse.Namespace, out: str, loss_impl: str, tie: bo
         peft_config=peft_config,
     )
     before = full_parameters(trainer.model)
-    loss_sums, trained_counts = example_losses(trainer.model, examples)  # with the adapter, if any
+    loss_sums, trained_counts = example_losses(
+        trainer.model, examples, options.focal
+    )  # with the adapter, if any
     trainer.train()
     trained = trainer.accelerator.unwrap_model(trainer.model)
     # ZeRO-3 leaves a 0-element placeholder where a partitioned parameter is not gathered (counted after
@@ -266,6 +285,7 @@ def main() -> None:
     )
     parser.add_argument("--evaluate", action="store_true", help="also evaluate the 8 examples after the step")
     parser.add_argument("--weighted", action="store_true", help="uneven loss_weights, and log their mean")
+    parser.add_argument("--focal", action="store_true", help="the focal loss through the token_loss hook")
     options = parser.parse_args()
     avoid_deepspeed_shm_build()
     if options.variants:
