@@ -44,17 +44,8 @@ def token_id_list(values: Any, column: str, where: str) -> list[int]:
         ...
         ValueError: row 3, column 'labels', position 1: label -1 is negative; ...
     """
-    if torch.is_tensor(values):
-        values = values.tolist()
     where = f"{where}, column '{column}'"
-    if isinstance(values, str | bytes) or not isinstance(values, Sequence | np.ndarray):
-        raise ValueError(f"{where}: expected a list of token ids, got {type(values).__name__}")
-    try:
-        array = np.asarray(values)
-    except ValueError:  # ragged nested lists
-        array = None
-    if array is None or array.ndim != 1 or (array.size and array.dtype.kind not in "iuf"):
-        raise _not_a_number_list(values, where, "token id")
+    values, array = _flat_numbers(values, where, "token id")
     if array.dtype.kind == "f":
         bad = ~np.isfinite(array) | (array != np.round(array))
         if bad.any():
@@ -83,20 +74,8 @@ def loss_weight_list(values: Any, where: str) -> list[float]:
         ...
         ValueError: row 2, column 'loss_weights', position 1: loss weight nan is not a finite number; ...
     """
-    if torch.is_tensor(values):
-        values = values.tolist()
     where = f"{where}, column 'loss_weights'"
-    if isinstance(values, str | bytes) or not isinstance(values, Sequence | np.ndarray):
-        raise ValueError(
-            f"{where}: expected a list of weights (one number per token), got {type(values).__name__}"
-        )
-    try:
-        array = np.asarray(values)
-    except ValueError:  # ragged nested lists
-        array = None
-    if array is None or array.ndim != 1 or (array.size and array.dtype.kind not in "iuf"):
-        raise _not_a_number_list(values, where, "weight")
-    array = array.astype(np.float64)
+    array = _flat_numbers(values, where, "weight")[1].astype(np.float64)
     infinite = ~np.isfinite(array)
     if infinite.any():
         position = int(np.argmax(infinite))
@@ -168,6 +147,22 @@ def _negative(column: str, value: int) -> str:
             f"{value} would be a target): map your ignore value to {IGNORE_INDEX}"
         )
     return f"input id {value} is negative; token ids are >= 0"
+
+
+def _flat_numbers(values: Any, where: str, noun: str) -> tuple[Sequence[Any], np.ndarray]:
+    """``(values, array)``: a row's values (a tensor as a list) and the same as a 1-D numeric numpy array,
+    or a ValueError naming the first value that is not a ``noun`` ("token id", "weight")."""
+    if torch.is_tensor(values):
+        values = values.tolist()
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence | np.ndarray):
+        raise ValueError(f"{where}: expected a list of {noun}s, got {type(values).__name__}")
+    try:
+        array = np.asarray(values)
+    except ValueError:  # ragged nested lists
+        array = None
+    if array is None or array.ndim != 1 or (array.size and array.dtype.kind not in "iuf"):
+        raise _not_a_number_list(values, where, noun)
+    return values, array
 
 
 def _not_a_number_list(values: Sequence[Any], where: str, noun: str) -> ValueError:
