@@ -76,7 +76,9 @@ _BUILT_IN_LOG_NAMES = frozenset(
         "num_input_tokens_seen",
         "trained_tokens",
         "total_trained_tokens",
-        "token_accuracy",
+        "mean_token_accuracy",
+        "num_tokens",
+        "entropy",
     }
 )
 
@@ -594,7 +596,8 @@ class ShiftLossTrainer(Trainer):
         Args:
             token_losses: float32 ``[trained]``, the loss of each trained token of the micro-batch, row by
                 row, differentiable. It is the cross-entropy ``-log p(target)`` (so ``p = exp(-loss)``)
-                unless ``label_smoothing_factor`` or ``z_loss`` add their terms to it.
+                unless ``label_smoothing_factor`` or ``z_loss`` add their terms to it, or
+                ``loss_type="dft"`` multiplies it by its detached ``p``.
 
         Returns:
             ``[trained]`` float values, one per token (a ValueError names any other shape).
@@ -614,13 +617,13 @@ class ShiftLossTrainer(Trainer):
 
         Call it from a subclass (in ``compute_loss``, ``token_loss``, ...) once per micro-batch, with a
         0-dim tensor; it is added up on the device (no host sync) and reduced over ranks only when the
-        trainer logs, like ``token_accuracy``. Logged: ``sum(value * weight) / sum(weight)`` over every call
+        trainer logs, like ``mean_token_accuracy``. Logged: ``sum(value * weight) / sum(weight)`` over every call
         since the last log line on every rank (``weight=trained_tokens`` gives a token mean). Called
         during evaluation, it goes to the evaluation's metrics as ``eval_<name>``. Every rank must log the
         same names (a ValueError says which differ).
 
         Args:
-            name: the log entry's name; not one the trainer logs itself (``loss``, ``token_accuracy``, ...).
+            name: the log entry's name; not one the trainer logs itself (``loss``, ``mean_token_accuracy``, ...).
             value: a number or a one-element tensor (detached here: logging never trains).
             weight: how much this value counts in the mean (a number or a one-element tensor).
 

@@ -198,7 +198,7 @@ def test_uneven_weights_give_the_reference_loss_on_both_paths(tmp_path):
     assert fused_logs[0]["loss"] == pytest.approx(expected, rel=1e-5)
     # Metrics stay unweighted: the same accuracy and count as without weights.
     _, plain_logs, _ = train(tmp_path, unweighted(rows), loss_impl="fused")
-    assert fused_logs[0]["token_accuracy"] == plain_logs[0]["token_accuracy"]
+    assert fused_logs[0]["mean_token_accuracy"] == plain_logs[0]["mean_token_accuracy"]
     assert fused_logs[0]["trained_tokens"] == plain_logs[0]["trained_tokens"] == 18
     assert_same_parameters(fused, eager)
 
@@ -411,8 +411,8 @@ def test_log_metric_is_averaged_over_the_logging_window(tmp_path):
 
 def test_log_metric_refuses_built_in_names_and_tensors_of_many_values(tmp_path):
     trainer = ShiftLossTrainer(model=tiny_llama(len(word_tokenizer())), args=one_step_args(tmp_path))
-    with pytest.raises(ValueError, match="'token_accuracy'"):
-        trainer.log_metric("token_accuracy", 1.0)
+    with pytest.raises(ValueError, match="'mean_token_accuracy'"):
+        trainer.log_metric("mean_token_accuracy", 1.0)
     with pytest.raises(ValueError, match="'eval_x'"):
         trainer.log_metric("eval_x", 1.0)
     with pytest.raises(
