@@ -259,7 +259,7 @@ def test_packing_moves_the_weights_with_their_tokens():
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("sync_free", [False, True])
-@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3}])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3}, {"loss_type": "dft"}])
 def test_fused_weights_equal_eager_weights_with_their_gradients(reduction, sync_free, options):
     """Loss and gradients wrt hidden, weight and bias; chunks of 5 rows, so weights cross chunks."""
     hidden, weight, bias, labels = fused_inputs(with_bias=True)
