@@ -423,7 +423,7 @@ def pack_dataset(
         >>> rows = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9]],
         ...                                    "labels": [[-100, 2, 3], [-100, 5], [-100, -100, 8, 9]]})
         >>> packed = pack_dataset(rows, max_length=5)
-        >>> packed.dataset["position_ids"]
+        >>> packed.dataset[:]["position_ids"]
         [[0, 1, 2, 3], [0, 1, 2, 0, 1]]
     """
     _check_options(max_length, overflow)
