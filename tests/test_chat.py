@@ -18,8 +18,9 @@ from chat_tokenizers import (
 from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
-from hf_shift_loss.data import chat
-from hf_shift_loss.data.chat import IGNORE_INDEX, encode_messages
+from hf_shift_loss.constants import IGNORE_INDEX
+from hf_shift_loss.data import chat, chat_truncate
+from hf_shift_loss.data.chat import encode_messages
 from hf_shift_loss.data.encode import Encoder
 from hf_shift_loss.data.prepare import prepare_dataset
 
@@ -545,7 +546,7 @@ def reference_encode_messages(
     input_ids, labels = encoded.input_ids, encoded.labels
     dropped_turns = 0
     if max_length is not None and len(input_ids) > max_length:
-        n_system, starts = chat._exchanges(messages)
+        n_system, starts = chat_truncate._exchanges(messages)
         for cut in starts[1:]:
             first_trainable = (
                 context_messages
@@ -664,7 +665,10 @@ def test_truncation_renders_a_constant_number_of_times_whatever_the_length(monke
         ]
     calls = []
     original = chat._encode
-    monkeypatch.setattr(chat, "_encode", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    for module in (chat, chat_truncate):  # the whole conversation (chat), the cuts (chat_truncate)
+        monkeypatch.setattr(
+            module, "_encode", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+        )
     encoded = encode_messages(tokenizer, messages, max_length=64)
     # The whole conversation once, the chosen cut, and the cut before it (which must not fit).
     assert len(calls) == 3 and encoded["dropped_turns"] > 100
