@@ -32,7 +32,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from hf_shift_loss.data.chat_labels import _encode, _label, _render, _tokenize_batch
+from hf_shift_loss.data.chat_labels import _encode, _encode_many
 from hf_shift_loss.data.chat_render import (
     DEFAULT_END_OF_TURN,
     DEFAULT_TRAIN_ROLES,
@@ -40,7 +40,7 @@ from hf_shift_loss.data.chat_render import (
     _normalize_train_roles,
     validate_messages,
 )
-from hf_shift_loss.data.chat_truncate import _fit
+from hf_shift_loss.data.chat_truncate import _fit, _fit_many
 from hf_shift_loss.options import END_OF_TURN_MODES, TRAIN_ON, EndOfTurnMode, TrainOn, check_choice
 
 __all__ = ["encode_conversations", "encode_messages", "STANDARD_ROLES"]
@@ -140,7 +140,8 @@ def encode_conversations(
     Each conversation is rendered on its own (the sentinel render is shared by conversations of the
     same shape: same roles and keys), then all rendered texts are tokenized in one call (a fast
     tokenizer encodes a batch in Rust, its offsets give the spans), and labels are built with numpy.
-    Only conversations longer than ``max_length`` are rendered again (:func:`_drop_oldest_exchanges`).
+    Only conversations longer than ``max_length`` are rendered again (:func:`_drop_oldest_exchanges`),
+    their searches advanced together: each round's kept parts are tokenized in one call too.
 
     Args:
         conversations: one message list per example; the other arguments are :func:`encode_messages`'s,
@@ -167,9 +168,8 @@ def encode_conversations(
         )
     cache: dict = {}
     kwargs = dict(chat_template_kwargs or {})
-    prepared = []
+    requests = []
     for messages, index, context in zip(conversations, indices, contexts, strict=True):
-        messages = validate_messages(messages, index)
         options = dict(
             train_roles=roles,
             train_end_of_turn=train_end_of_turn,
@@ -178,15 +178,13 @@ def encode_conversations(
             example_index=index,
             cache=cache,
         )
-        rendered = _render(tokenizer, messages, first_trainable=context, **options)
-        prepared.append((messages, context, options, rendered))
-    tokenized = _tokenize_batch(tokenizer, [rendered.text for *_, rendered in prepared])
-    results = []
-    for position, (messages, context, options, rendered) in enumerate(prepared):
-        tokens = tokenized[position] if tokenized is not None else None
-        encoded = _label(tokenizer, rendered, kwargs, options["example_index"], cache, tokens)
-        results.append(_fit(tokenizer, messages, encoded, max_length, context, options, train_on))
-    return results
+        requests.append((validate_messages(messages, index), context, options))
+    encoded = _encode_many(tokenizer, requests)
+    items = [
+        (messages, full, context, options)
+        for (messages, context, options), full in zip(requests, encoded, strict=True)
+    ]
+    return _fit_many(tokenizer, items, max_length, train_on, lambda round_: _encode_many(tokenizer, round_))
 
 
 def _check_options(

@@ -8,6 +8,8 @@ from __future__ import annotations
 import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -66,10 +68,10 @@ def _split_at_answer_starts(
     the answer's start, and is what generation produces there). ``suffix`` is
     :func:`generation_prompt_suffix`'s.
     """
-    token_starts = [start for start, _ in offsets]
 
     def straddles(boundary: int) -> bool:
-        index = bisect.bisect_left(token_starts, boundary) - 1  # the last token starting before it
+        # The last token starting before the boundary (a search on the offsets' starts, no list built).
+        index = bisect.bisect_left(offsets, boundary, key=itemgetter(0)) - 1
         return index >= 0 and offsets[index][1] > boundary
 
     boundaries = sorted({start for start, _ in char_spans})
@@ -92,7 +94,9 @@ def _labels_from_offsets(input_ids: list[int], offsets: list[Span], char_spans: 
     ending after the token's start is the only one that can (numpy, one search per token)."""
     if not char_spans or not input_ids:
         return [IGNORE_INDEX] * len(input_ids)
-    token_bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    # fromiter over the flattened pairs: a third of np.asarray's time on a list of tuples.
+    token_bounds = np.fromiter(chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets))
+    token_bounds = token_bounds.reshape(-1, 2)
     span_bounds = np.asarray(char_spans, dtype=np.int64)
     candidate = np.searchsorted(span_bounds[:, 1], token_bounds[:, 0], side="right")
     has_candidate = candidate < len(span_bounds)
@@ -226,6 +230,29 @@ def _encode(tokenizer: Any, messages: Sequence[Mapping[str, Any]], **options: An
     )
 
 
+def _encode_many(
+    tokenizer: Any, requests: Sequence[tuple[Sequence[Mapping[str, Any]], int, Mapping[str, Any]]]
+) -> list[_Encoded]:
+    """:func:`_encode` over ``(messages, first_trainable, options)`` requests: each conversation rendered
+    on its own, all the rendered texts tokenized in one call (:func:`_tokenize_batch`), each labeled."""
+    rendered = [
+        _render(tokenizer, messages, first_trainable=first_trainable, **options)
+        for messages, first_trainable, options in requests
+    ]
+    tokenized = _tokenize_batch(tokenizer, [r.text for r in rendered])
+    return [
+        _label(
+            tokenizer,
+            r,
+            options["chat_template_kwargs"],
+            options["example_index"],
+            options.get("cache"),
+            tokenized[position] if tokenized is not None else None,
+        )
+        for position, (r, (_, _, options)) in enumerate(zip(rendered, requests, strict=True))
+    ]
+
+
 def _tokenize_batch(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[Span]]] | None:
     """Ids and offsets of every text from one batch call, or None where the tokenizer gives no offsets
     or refuses a text (each is then tokenized on its own, which names the row that fails)."""
@@ -238,7 +265,5 @@ def _tokenize_batch(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], l
     offsets = encoding.get("offset_mapping")
     if offsets is None:
         return None
-    return [
-        (list(ids), [tuple(o) for o in row_offsets])
-        for ids, row_offsets in zip(encoding["input_ids"], offsets, strict=True)
-    ]
+    # The offsets are the fast tokenizer's lists of (start, end) tuples already: taken as they are.
+    return list(zip(encoding["input_ids"], offsets, strict=True))

@@ -5,7 +5,8 @@ the last trainable exchange kept), then tokens cut from the right (:func:`_fit`)
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
+from operator import itemgetter
 from typing import Any
 
 from hf_shift_loss.constants import IGNORE_INDEX
@@ -61,14 +62,20 @@ def _token_positions(tokenizer: Any, encoded: _Encoded, char_positions: Sequence
     consecutive positions (an estimate, linear in the text).
     """
     if encoded.offsets is not None:
-        starts = [start for start, _ in encoded.offsets]
-        return [bisect.bisect_left(starts, position) for position in char_positions]
+        offsets = encoded.offsets
+        return [bisect.bisect_left(offsets, position, key=itemgetter(0)) for position in char_positions]
     positions, count, previous = [], 0, 0
     for position in char_positions:
         count += len(_encode_text(tokenizer, encoded.text[previous:position])) if position > previous else 0
         positions.append(count)
         previous = max(previous, position)
     return positions
+
+
+# A request of the cut search: the kept messages to encode and where their context ends.
+Request = tuple[list[Mapping[str, Any]], int]
+# What encodes a round of requests: ``[(messages, first_trainable, options)]`` -> one _Encoded each.
+EncodeMany = Callable[[list[tuple[Sequence[Mapping[str, Any]], int, Mapping[str, Any]]]], list[_Encoded]]
 
 
 def _drop_oldest_exchanges(
@@ -78,8 +85,7 @@ def _drop_oldest_exchanges(
     max_length: int,
     roles: tuple[str, ...],
     context_messages: int,
-    options: Mapping[str, Any],
-) -> tuple[_Encoded, int]:
+) -> Generator[Request, _Encoded, tuple[_Encoded, int]]:
     """The longest tail of whole exchanges (after the leading system messages) that fits ``max_length``.
 
     Same result as dropping the oldest exchange, re-rendering and re-tokenizing until the rest fits
@@ -97,7 +103,9 @@ def _drop_oldest_exchanges(
        from the estimate until the answer is confirmed. The only assumption is that dropping an
        exchange never makes the rendered conversation longer.
 
-    Returns the encoded kept conversation and the number of messages dropped.
+    A generator, so that :func:`_fit_many` can advance many conversations' searches together: it
+    yields each render it needs as ``(kept messages, first_trainable)``, is sent their encoding, and
+    returns the encoded kept conversation and the number of messages dropped.
     """
     n_system, cuts = _candidate_cuts(messages, roles, context_messages)
     if not cuts:
@@ -116,24 +124,23 @@ def _drop_oldest_exchanges(
 
     renders: dict[int, _Encoded] = {}
 
-    def encoded_at(k: int) -> _Encoded:
+    def encoded_at(k: int) -> Generator[Request, _Encoded, _Encoded]:
         if k not in renders:
             cut = cuts[k]
             kept = list(messages[:n_system]) + list(messages[cut:])
-            first_trainable = _first_trainable_after_cut(context_messages, n_system, cut)
-            renders[k] = _encode(tokenizer, kept, first_trainable=first_trainable, **options)
+            renders[k] = yield kept, _first_trainable_after_cut(context_messages, n_system, cut)
         return renders[k]
 
-    def fits(k: int) -> bool:
-        return len(encoded_at(k).input_ids) <= max_length
+    def fits(k: int) -> Generator[Request, _Encoded, bool]:
+        return len((yield from encoded_at(k)).input_ids) <= max_length
 
-    if fits(k):
-        while k > 0 and fits(k - 1):
+    if (yield from fits(k)):
+        while k > 0 and (yield from fits(k - 1)):
             k -= 1
     else:
-        while k + 1 < len(cuts) and not fits(k):
+        while k + 1 < len(cuts) and not (yield from fits(k)):
             k += 1
-    return encoded_at(k), cuts[k] - n_system
+    return (yield from encoded_at(k)), cuts[k] - n_system
 
 
 def _fit(
@@ -146,12 +153,53 @@ def _fit(
     train_on: TrainOn,
 ) -> dict[str, Any]:
     """A whole conversation's encoding cut to ``max_length`` (oldest exchanges first, then tokens from the
-    right), as :func:`encode_messages` returns it."""
-    dropped_turns = 0
-    if max_length is not None and len(encoded.input_ids) > max_length:
-        encoded, dropped_turns = _drop_oldest_exchanges(
-            tokenizer, messages, encoded, max_length, options["train_roles"], context_messages, options
-        )
+    right), as :func:`encode_messages` returns it; each render the cut needs is one :func:`_encode`."""
+
+    def encode_each(requests: list) -> list[_Encoded]:
+        return [_encode(tokenizer, kept, first_trainable=first, **opts) for kept, first, opts in requests]
+
+    item = (messages, encoded, context_messages, options)
+    return _fit_many(tokenizer, [item], max_length, train_on, encode_each)[0]
+
+
+def _fit_many(
+    tokenizer: Any,
+    items: Sequence[tuple[Sequence[Mapping[str, Any]], _Encoded, int, Mapping[str, Any]]],
+    max_length: int | None,
+    train_on: TrainOn,
+    encode_many: EncodeMany,
+) -> list[dict[str, Any]]:
+    """:func:`_fit` over ``(messages, encoded, context_messages, options)`` items: the too-long ones'
+    searches (:func:`_drop_oldest_exchanges`) advance together, each round's renders encoded by one
+    ``encode_many`` call (one tokenizer batch call in :func:`encode_conversations`)."""
+    searches, pending, found = {}, {}, {}
+
+    def advance(i: int, encoded: _Encoded | None) -> None:
+        try:
+            pending[i] = searches[i].send(encoded)
+        except StopIteration as stop:
+            found[i] = stop.value
+            pending.pop(i, None)
+
+    for i, (messages, encoded, context_messages, options) in enumerate(items):
+        if max_length is not None and len(encoded.input_ids) > max_length:
+            searches[i] = _drop_oldest_exchanges(
+                tokenizer, messages, encoded, max_length, options["train_roles"], context_messages
+            )
+            advance(i, None)
+    while pending:
+        order = list(pending)
+        encoded_round = encode_many([(*pending[i], items[i][3]) for i in order])
+        for i, encoded in zip(order, encoded_round, strict=True):
+            advance(i, encoded)
+    return [_cut_right(*found.get(i, (item[1], 0)), max_length, train_on) for i, item in enumerate(items)]
+
+
+def _cut_right(
+    encoded: _Encoded, dropped_turns: int, max_length: int | None, train_on: TrainOn
+) -> dict[str, Any]:
+    """The kept conversation's tokens past ``max_length`` cut from the right, as :func:`encode_messages`
+    returns it."""
     input_ids, labels = encoded.input_ids, encoded.labels
     truncated_tokens = 0
     truncated_completion = 0
