@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from hf_shift_loss.data.chat import render_chat
+from hf_shift_loss.data.chat_render import render_chat
 
 __all__ = ["row_template_kwargs", "text_content"]
 
