@@ -2,7 +2,7 @@
 
 ``accelerate launch --config_file tests/dist_scripts/fsdp2_cpu.yaml`` starts two CPU ranks under FSDP2
 (``fully_shard`` per decoder layer and at the root); the lm_head weight is a DTensor shard after the
-forward pass, and the fused loss gathers it itself (``hf_shift_loss.loss.paths._unsharded``). One optimizer step over
+forward pass, and the fused loss gathers it itself (``hf_shift_loss.loss.engines.unsharded``). One optimizer step over
 the same 8 examples (tests/dist_scripts/train_one_step.py) is compared with one process.
 """
 

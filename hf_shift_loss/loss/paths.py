@@ -36,6 +36,7 @@ from hf_shift_loss.loss.eager import (
     count_correct_tokens,
     sum_token_entropy,
 )
+from hf_shift_loss.loss.engines import unsharded, zero3_refusal
 from hf_shift_loss.loss.fused import fused_linear_cross_entropy
 from hf_shift_loss.loss.heads import (
     OutputHead,
@@ -232,7 +233,7 @@ class FusedLoss(_LossPath):
             outputs = model(**model_inputs)
 
         def fused_head_and_loss(hidden: torch.Tensor) -> Any:
-            weight, bias = _unsharded(self.head.weight), _unsharded(self.head.bias)
+            weight, bias = unsharded(self.head.weight), unsharded(self.head.bias)
             return fused_linear_cross_entropy(
                 hidden.to(weight.device),  # model parallel without accelerate's hook on the head
                 weight,
@@ -306,79 +307,6 @@ def _without_logits(output_class: type) -> type:
     )
 
 
-def _unsharded(parameter: torch.Tensor | None) -> torch.Tensor | None:
-    """The full lm_head weight (or bias) when FSDP2 has sharded it (a DTensor), else the parameter itself.
-
-    FSDP2 reshards the parameters after the forward pass, so the loss gathers the weight itself. The
-    gather is differentiable: its backward reduce-scatters the weight gradient with the mean over ranks,
-    as FSDP2 reduces every other gradient (``Partial("avg")``); tied embeddings add up correctly.
-    """
-    if parameter is None:
-        return None
-    try:
-        from torch.distributed.tensor import DTensor, Partial
-    except ImportError:  # a torch built without distributed
-        return parameter
-    if not isinstance(parameter, DTensor):
-        return parameter
-    return parameter.full_tensor(grad_placements=[Partial("avg")] * parameter.device_mesh.ndim)
-
-
-def _zero3_refusal(model: nn.Module, head: OutputHead, zero_optimization: Mapping[str, Any]) -> str | None:
-    """Why ZeRO-3 would not gather the lm_head weight in a call of the lm_head module itself; None if it does.
-
-    ZeRO-3 gathers a "leaf" module's parameters, those of its submodules included, only around the leaf's
-    own forward and registers no hooks on the submodules: an lm_head inside a leaf is a placeholder when
-    the loss calls it. Leaves come from ``stage3_module_granularity_threshold`` (chosen by DeepSpeed when
-    the engine starts, after the loss path is chosen, so any threshold refuses) or from
-    ``deepspeed.utils.set_z3_leaf_modules`` on the model before training.
-    """
-    threshold = zero_optimization.get("stage3_module_granularity_threshold") or 0
-    if threshold != "auto" and int(threshold) > 0:
-        return (
-            f"DeepSpeed ZeRO-3 with stage3_module_granularity_threshold={threshold} may make the lm_head's "
-            "parent a leaf module, which gathers the lm_head weight only inside its own forward (set it to 0 "
-            "for the fused loss)"
-        )
-    leaf_config = zero_optimization.get("leaf_module") or {}
-    for name, module in model.named_modules():
-        if module is head.lm_head or not any(sub is head.lm_head for sub in module.modules()):
-            continue
-        shown = name or type(model).__name__
-        if getattr(module, "_z3_leaf", False):
-            return (
-                f"{shown} is a DeepSpeed ZeRO-3 leaf module (set_z3_leaf_modules), "
-                "which gathers the lm_head weight only inside its own forward"
-            )
-        entry = _leaf_config_entry(name, module, leaf_config)
-        if entry is not None:
-            return (
-                f"{shown} is a DeepSpeed ZeRO-3 leaf module (zero_optimization.leaf_module {entry}), "
-                "which gathers the lm_head weight only inside its own forward"
-            )
-    return None
-
-
-def _leaf_config_entry(name: str, module: nn.Module, leaf_config: Mapping[str, Any]) -> str | None:
-    """The entry of DeepSpeed's ``leaf_module`` config (classes, names, name_suffixes) that makes ``module``
-    a leaf when the engine starts, as DeepSpeed matches them; None if none does."""
-
-    def listed(key: str) -> list[str]:
-        value = leaf_config.get(key) or []
-        return [value] if isinstance(value, str) else [str(item) for item in value]
-
-    cls = type(module)
-    for class_name in listed("classes"):
-        if class_name in (cls.__name__, f"{cls.__module__}.{cls.__qualname__}"):
-            return f"classes: {class_name!r}"
-    if name and name in listed("names"):
-        return f"names: {name!r}"
-    for suffix in listed("name_suffixes"):
-        if name and name.endswith(suffix):
-            return f"name_suffixes: {suffix!r}"
-    return None
-
-
 def choose_loss_path(
     model: nn.Module,
     loss_impl: LossImpl = "auto",
@@ -396,11 +324,11 @@ def choose_loss_path(
     ``"eager"`` never fuses. ``"auto"`` and ``"fused"`` fuse when the model splits into a backbone and a
     plain linear head (:func:`hf_shift_loss.heads.get_output_head`); otherwise they fall back to eager,
     with the reason in ``EagerLoss.reason`` and one warning. Under FSDP2 (``fsdp_version=2``) the fused
-    loss gathers the sharded lm_head weight itself (:func:`_unsharded`); FSDP1's flat parameters hide
+    loss gathers the sharded lm_head weight itself (:func:`~hf_shift_loss.loss.engines.unsharded`); FSDP1's flat parameters hide
     the weight, so ``fsdp_version=1`` falls back to eager. Under DeepSpeed ZeRO-3 (``zero3``: its
     ``zero_optimization`` section) the fused loss runs inside a call of the lm_head module, whose hooks
     gather the partitioned weight (:func:`hf_shift_loss.loss.heads.call_as_lm_head`); where a ZeRO-3
-    feature gathers it only inside another module's forward, it falls back to eager (:func:`_zero3_refusal`).
+    feature gathers it only inside another module's forward, it falls back to eager (:func:`~hf_shift_loss.loss.engines.zero3_refusal`).
     ``loss_type`` (``"nll"``, ``"dft"``) is the per-token weighting both paths apply
     (:mod:`hf_shift_loss.loss.weighting`).
 
@@ -445,7 +373,7 @@ def choose_loss_path(
     else:
         try:
             head = get_output_head(model)
-            reason = _zero3_refusal(model, head, zero3) if zero3 is not None else None
+            reason = zero3_refusal(model, head, zero3) if zero3 is not None else None
             if reason is None:
                 return FusedLoss(head, chunk_size=chunk_size, sync_free=sync_free, **options)
         except UnsupportedOutputHead as error:
