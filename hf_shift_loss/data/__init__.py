@@ -1,7 +1,7 @@
 """The data path: rows -> :class:`Encoder` -> :func:`prepare_dataset` (count, pack) -> :class:`Batcher`.
 
 - ``encode.py``: one example to ``input_ids``/``labels`` and its counts (every format, any chat template
-  through ``chat.py``).
+  through ``chat.py``); ``detect.py``: which format a row or a dataset is (``detect_format``).
 - ``chat.py``: conversations to ids and labels, one or a batch (``encode_messages``,
   ``encode_conversations``), over ``chat_render.py`` (the render and the messages' character spans),
   ``chat_labels.py`` (tokenization with offsets and the labels from the spans) and ``chat_truncate.py``

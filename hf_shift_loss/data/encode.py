@@ -40,6 +40,15 @@ from hf_shift_loss.data.chat import (
     encode_messages,
 )
 from hf_shift_loss.data.content import row_template_kwargs, text_content
+from hf_shift_loss.data.detect import (
+    _FORMAT_HELP,
+    FORMAT_KEYS,
+    FORMATS,
+    detect_format,
+    is_chat,
+    refuse_template_columns,
+    renders_on_its_own,
+)
 from hf_shift_loss.data.special import has_special_tokens, special_token_strings
 from hf_shift_loss.data.stats import COUNT_COLUMNS
 from hf_shift_loss.data.validate import loss_weight_list, token_id_list
@@ -55,65 +64,10 @@ from hf_shift_loss.options import (
 
 __all__ = ["FORMATS", "FORMAT_KEYS", "Encoder", "detect_format", "trained_targets"]
 
-# The fields that make a row of each format, in the order a row's format is decided (a row with
-# input_ids is pre-tokenized whatever else it has; Encoder.__call__ decides in the same order).
-FORMAT_KEYS = {
-    "tokenized": ("input_ids",),
-    "messages": ("messages",),
-    "prompt_completion": ("prompt", "completion"),
-    "text": ("text",),
-}
-FORMATS = tuple(FORMAT_KEYS)
-_FORMAT_HELP = (
-    "'text'; 'prompt' and 'completion' (strings, or lists of messages); 'messages'; or 'input_ids' "
-    "(with optional 'labels')"
-)
-
-
-def detect_format(columns: Sequence[str]) -> str:
-    """The dataset format from its column names (see the module docstring); ValueError if none fits.
-
-    Examples:
-        >>> detect_format(["prompt", "completion", "id"])
-        'prompt_completion'
-    """
-    names = set(columns)
-    for data_format, keys in FORMAT_KEYS.items():
-        if names.issuperset(keys):
-            return data_format
-    raise ValueError(f"the dataset's columns {sorted(names)} fit no known format; expected {_FORMAT_HELP}")
-
 
 def trained_targets(labels: Sequence[int]) -> int:
     """Trained targets after the shift: the first label of a sequence is never a target."""
     return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
-
-
-def _renders_on_its_own(row: Mapping[str, Any]) -> bool:
-    """A chat row with its own ``tools``/``chat_template_kwargs`` or structured content: rendered alone."""
-    if row.get("tools") or row.get("chat_template_kwargs"):
-        return True
-    messages = row.get("messages")
-    if messages is None and isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list):
-        messages = row["prompt"] + row["completion"]
-    return isinstance(messages, list) and any(
-        isinstance(message, Mapping) and isinstance(message.get("content"), list | tuple)
-        for message in messages
-    )
-
-
-def _is_chat(example: Mapping[str, Any]) -> bool:
-    return example.get("messages") is not None or isinstance(example.get("prompt"), list)
-
-
-def _refuse_template_columns(example: Mapping[str, Any], where: str) -> None:
-    """``tools`` / ``chat_template_kwargs`` on a row that no chat template renders would be lost: refused."""
-    for column in ("tools", "chat_template_kwargs"):
-        if example.get(column):
-            raise ValueError(
-                f"{where}: has {column!r} but is not a conversation, so no chat template renders it; give the "
-                "row as 'messages' (or a conversational prompt/completion), or drop the column"
-            )
 
 
 @dataclass
@@ -245,7 +199,7 @@ class Encoder:
         for position, row in enumerate(rows):
             if not isinstance(row, Mapping) or row.get("input_ids") is not None:
                 continue
-            if _renders_on_its_own(row):
+            if renders_on_its_own(row):
                 continue  # per-row tools / template options or structured content: _messages, row by row
             if row.get("messages") is not None:
                 chats[position] = (row["messages"], 0)
@@ -305,10 +259,10 @@ class Encoder:
                     example, prompt + completion, index, context_messages=len(prompt)
                 )
             else:
-                _refuse_template_columns(example, where)
+                refuse_template_columns(example, where)
                 encoded = self._prompt_completion(prompt, completion, where, tokens)
         elif example.get("text") is not None:
-            _refuse_template_columns(example, where)
+            refuse_template_columns(example, where)
             encoded = self._text(example["text"], where, tokens)
         else:
             present = {key: type(value).__name__ for key, value in example.items()}
@@ -318,7 +272,7 @@ class Encoder:
             bool(example.get("special_tokens_in_content"))
             or has_special_tokens(example, special_token_strings(self.tokenizer))
         )
-        if self.split_special_tokens and encoded["special_tokens_in_content"] and _is_chat(example):
+        if self.split_special_tokens and encoded["special_tokens_in_content"] and is_chat(example):
             raise ValueError(
                 f"{where}: a message's content holds a special-token string, and split_special_tokens=True "
                 "cannot keep it as text in a chat row (its content and the template's control tokens are "
