@@ -73,26 +73,29 @@ def tiny_llama(
     )
 
 
+# One optimizer step of plain SGD on the CPU, batch 4, no clipping: updates comparable exactly.
+SGD_STEP = dict(
+    per_device_train_batch_size=4,
+    gradient_accumulation_steps=1,
+    max_steps=1,
+    learning_rate=0.5,
+    optim="sgd",
+    lr_scheduler_type="constant",
+    max_grad_norm=0.0,  # no clipping: the update is exactly lr * gradient
+    weight_decay=0.0,
+    logging_steps=1,
+    save_strategy="no",
+    report_to="none",
+    use_cpu=True,
+    disable_tqdm=True,
+    seed=0,
+    data_seed=0,
+)
+
+
 def make_args(output_dir, **overrides) -> ShiftLossArguments:
-    """One optimizer step of plain SGD on the CPU, batch 4, no clipping: updates comparable exactly."""
-    defaults = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=1,
-        max_steps=1,
-        learning_rate=0.5,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,  # no clipping: the update is exactly lr * gradient
-        weight_decay=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-    )
+    """One optimizer step of plain SGD on the CPU, batch 4, no clipping (:data:`SGD_STEP`, then ``overrides``)."""
+    defaults = dict(SGD_STEP, output_dir=str(output_dir))
     defaults.update(overrides)
     return ShiftLossArguments(**defaults)
 

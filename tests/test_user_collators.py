@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
-from helpers import tiny_llama, word_tokenizer
+from helpers import SGD_STEP, tiny_llama, word_tokenizer
 from transformers import (
     BatchEncoding,
     DataCollatorForLanguageModeling,
@@ -49,22 +49,8 @@ COLLATORS = {
     "with_padding": (lambda tok: DataCollatorWithPadding(tok), True, True),
 }
 
-COMMON = dict(
-    per_device_train_batch_size=4,
-    gradient_accumulation_steps=2,
-    max_steps=3,
-    learning_rate=0.5,
-    optim="sgd",
-    lr_scheduler_type="constant",
-    max_grad_norm=0.0,
-    train_sampling_strategy="sequential",
-    logging_steps=1,
-    save_strategy="no",
-    report_to="none",
-    use_cpu=True,
-    disable_tqdm=True,
-    seed=0,
-)
+# Plain SGD steps as in test_trainer, two micro-batches of 4 per step, rows in order.
+COMMON = dict(SGD_STEP, gradient_accumulation_steps=2, max_steps=3, train_sampling_strategy="sequential")
 
 
 def _train(trainer_class, args_class, collator, rows, tmp_path, **extra) -> tuple[list[float], torch.Tensor]:
