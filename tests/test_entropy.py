@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_shift_loss.loss import fused_linear_cross_entropy
-from hf_shift_loss.loss.eager import sum_token_entropy
+from hf_shift_loss.loss.predictions import sum_token_entropy
 
 
 @pytest.mark.parametrize("sync_free", [False, True])

@@ -10,7 +10,7 @@ from helpers import make_args, tiny_llama, word_tokenizer
 from peft import LoraConfig, get_peft_model
 
 from hf_shift_loss import PromptMaskingCollator, ShiftLossTrainer, causal_lm_loss
-from hf_shift_loss.loss.eager import sum_token_entropy
+from hf_shift_loss.loss.predictions import sum_token_entropy
 
 # Very different trained-token counts per example: 1, 2, 11 and 4 answer tokens, each + eos.
 EXAMPLES = [

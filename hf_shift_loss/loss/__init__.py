@@ -8,7 +8,8 @@ The pipeline, from a model to its loss (one way, whatever the strategy):
 - ``heads.py``: a model's linear head (weight, bias, logit scale, soft-cap) or the reason it has none;
   the lm_head made the identity for one forward.
 - ``eager.py``: :func:`causal_lm_loss` on full logits ``[batch, seq, vocab]``, and the shared pieces
-  (the shift, validation, counts, the reduction).
+  (the shift, validation, counts, the reduction); ``predictions.py``: correct argmax predictions and the
+  entropy from full logits (what the eager path logs).
 - ``fused.py``: :func:`fused_linear_cross_entropy` on hidden states ``[batch, seq, hidden]`` and the head
   weight: validation, the shift, selecting the trained rows, the chunk size, the reduction.
 - ``kernel.py``: the chunked lm_head + cross-entropy ``torch.autograd.Function`` under it.
@@ -23,7 +24,6 @@ from hf_shift_loss.loss.eager import (
     TokenLoss,
     apply_token_loss,
     causal_lm_loss,
-    count_correct_tokens,
     count_trained_tokens,
     prepare_loss_weights,
     reduce_token_losses,
@@ -39,6 +39,7 @@ from hf_shift_loss.loss.paths import (
     LossResult,
     choose_loss_path,
 )
+from hf_shift_loss.loss.predictions import count_correct_tokens
 
 __all__ = [
     "IGNORE_INDEX",

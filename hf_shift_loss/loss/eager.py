@@ -32,9 +32,7 @@ __all__ = [
     "causal_lm_loss",
     "shift_labels",
     "count_trained_tokens",
-    "count_correct_tokens",
     "prepare_loss_weights",
-    "sum_token_entropy",
     "reduce_token_losses",
     "validate_labels",
 ]
@@ -91,8 +89,8 @@ def prepare_loss_weights(
         shift: shift the weights as the loss shifts the labels (``out[..., t] = weights[..., t + 1]``, 0 in
             the last column), so that a weight stays with its token.
         device: where the loss runs (the logits' or hidden states' device).
-        validate: check that every weight is finite (one host sync, ``.all()``), naming the first that is
-            not; the sync-free fused mode skips it.
+        validate: check that every weight is finite (one host sync), naming the first that is not. The
+            losses pass False and let :func:`validate_labels` check the weights in the labels' sync.
 
     Returns:
         float32 ``[batch, seq]`` weights aligned with the shifted targets, without gradient (weights are
@@ -116,16 +114,21 @@ def prepare_loss_weights(
         )
     weights = loss_weights.detach().to(device=device, dtype=torch.float32)
     if validate:
-        finite = torch.isfinite(weights)
-        if not bool(finite.all()):
-            index = tuple(int(i) for i in (~finite).nonzero()[0].tolist())
-            where = f"row {index[0]}, position {index[1]}" if len(index) == 2 else f"index {index}"
-            raise ValueError(
-                f"loss_weights at {where} is {float(weights[index])} (loss_weights shaped "
-                f"{tuple(weights.shape)}, aligned with labels): every weight must be a finite number; "
-                "give untrained positions any finite weight (0 or 1: their label is -100)"
-            )
+        nonfinite = ~torch.isfinite(weights)
+        if bool(nonfinite.any()):
+            raise _nonfinite_weight_error(weights, nonfinite)
     return _shift(weights, 0.0) if shift else weights
+
+
+def _nonfinite_weight_error(weights: torch.Tensor, nonfinite: torch.Tensor) -> ValueError:
+    """The error naming the first weight that is not finite (``nonfinite``: where, ``weights``' shape)."""
+    index = tuple(int(i) for i in nonfinite.nonzero()[0].tolist())
+    where = f"row {index[0]}, position {index[1]}" if len(index) == 2 else f"index {index}"
+    return ValueError(
+        f"loss_weights at {where} is {float(weights[index])} (loss_weights shaped "
+        f"{tuple(weights.shape)}, aligned with labels): every weight must be a finite number; "
+        "give untrained positions any finite weight (0 or 1: their label is -100)"
+    )
 
 
 def count_trained_tokens(
@@ -139,14 +142,29 @@ def count_trained_tokens(
     return trained.sum(-1) if per_row else trained.sum()
 
 
-def validate_labels(targets: torch.Tensor, vocab_size: int, ignore_index: int = IGNORE_INDEX) -> None:
-    """Raise ``ValueError`` naming the first target outside ``[0, vocab_size)`` other than ``ignore_index``.
+def validate_labels(
+    targets: torch.Tensor,
+    vocab_size: int,
+    ignore_index: int = IGNORE_INDEX,
+    loss_weights: torch.Tensor | None = None,
+) -> None:
+    """Raise ``ValueError`` naming the first target outside ``[0, vocab_size)`` other than ``ignore_index``,
+    or the first of ``loss_weights`` (as the caller gave them, aligned with ``labels``) that is not finite.
 
     Runs before the cross-entropy so that a bad label is a readable error instead of a CUDA
-    device-side assert. It costs one host sync (``.any()``).
+    device-side assert. It costs one host sync, the weights' check included.
     """
     invalid = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
-    if bool(invalid.any()):
+    if loss_weights is None:
+        bad_label, bad_weight = bool(invalid.any()), False
+    else:
+        loss_weights = torch.as_tensor(loss_weights).detach()
+        nonfinite = ~torch.isfinite(loss_weights)
+        flags = torch.stack([invalid.any(), nonfinite.any().to(invalid.device)])
+        bad_label, bad_weight = flags.tolist()  # the one host sync of both checks
+    if bad_weight and not bad_label:
+        raise _nonfinite_weight_error(loss_weights, nonfinite)
+    if bad_label:
         position = tuple(int(i) for i in invalid.nonzero()[0].tolist())
         value = int(targets[position])
         raise ValueError(
@@ -364,12 +382,12 @@ def causal_lm_loss(
     # Model parallelism: the lm_head (and so the logits) may live on another device than the batch.
     labels = labels.to(device=logits.device, dtype=torch.long)  # cross_entropy takes int64 targets
     targets = shift_labels(labels, ignore_index) if shift else labels
-    validate_labels(targets, vocab_size, ignore_index)
     weights = (
         None
         if loss_weights is None
-        else prepare_loss_weights(loss_weights, labels, shift=shift, device=logits.device)
+        else prepare_loss_weights(loss_weights, labels, shift=shift, device=logits.device, validate=False)
     )
+    validate_labels(targets, vocab_size, ignore_index, loss_weights)
 
     # Flatten to [tokens, vocab]: a view when the logits are contiguous. The float32 math copies bfloat16 or
     # float16 logits once (.float()); float32 logits are used as they are.
@@ -412,39 +430,3 @@ def causal_lm_loss(
     if reduction == "none":
         return token_losses.view(targets.shape)
     return reduce_token_losses(token_losses, trained, reduction, num_items_in_batch)
-
-
-@torch.no_grad()
-def sum_token_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, *, shift: bool = True, ignore_index: int = IGNORE_INDEX
-) -> torch.Tensor:
-    """Sum over trained positions of the entropy of the predicted distribution (0-dim float32).
-
-    Divided by the trained tokens it is TRL's logged ``entropy``. One float32 pass over ``logits``
-    ``[batch, seq, vocab]`` (the fused loss computes it inside its chunks instead).
-
-    Examples:
-        >>> print(f"{sum_token_entropy(torch.zeros(1, 3, 4), torch.tensor([[-100, 1, 2]])):.4f}")  # 2 x log(4)
-        2.7726
-    """
-    labels = labels.to(logits.device)
-    targets = shift_labels(labels, ignore_index) if shift else labels
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    entropies = -(log_probs.exp() * log_probs).sum(dim=-1)
-    return (entropies * (targets != ignore_index)).sum()
-
-
-@torch.no_grad()
-def count_correct_tokens(
-    logits: torch.Tensor, labels: torch.Tensor, *, shift: bool = True, ignore_index: int = IGNORE_INDEX
-) -> torch.Tensor:
-    """Trained positions whose argmax prediction equals the target (0-dim int64 tensor).
-
-    Args:
-        logits: ``[batch, seq, vocab]``.
-        labels: ``[batch, seq]`` with the same convention as :func:`causal_lm_loss`.
-    """
-    labels = labels.to(logits.device)
-    targets = shift_labels(labels, ignore_index) if shift else labels
-    predictions = logits.argmax(dim=-1)
-    return ((predictions == targets) & (targets != ignore_index)).sum()

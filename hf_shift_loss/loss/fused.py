@@ -227,7 +227,7 @@ def fused_linear_cross_entropy(
             ``ignore_index`` (not checked with ``sync_free=True``), or an option is out of range.
 
     Host syncs: validating the labels (one ``.any()``, as ``causal_lm_loss``) and selecting the trained
-    rows (``nonzero`` needs their count to size the chunks): two small syncs per call (a third checks
+    rows (``nonzero`` needs their count to size the chunks): two small syncs per call (the first also checks
     that ``loss_weights`` are finite), the price of skipping untrained positions entirely. ``sync_free=True`` has none (all checks then are on shapes,
     dtypes and options, known without reading a tensor).
 
@@ -284,7 +284,7 @@ def fused_linear_cross_entropy(
         None
         if loss_weights is None
         else prepare_loss_weights(
-            loss_weights, labels, shift=shift, device=hidden.device, validate=not sync_free
+            loss_weights, labels, shift=shift, device=hidden.device, validate=False
         ).reshape(-1)
     )
     kernel_weights = None
@@ -298,7 +298,7 @@ def fused_linear_cross_entropy(
         if flat_weights is not None:  # an untrained row's weight (even inf or NaN, unchecked here) reads 0
             kernel_weights = torch.where(trained, flat_weights, torch.zeros_like(flat_weights))
     else:
-        validate_labels(targets, vocab_size, ignore_index)
+        validate_labels(targets, vocab_size, ignore_index, loss_weights)  # one sync: labels and weights
         trained = flat_targets != ignore_index
         # The one unavoidable sync of skipping untrained rows: the number of trained rows sizes the chunks.
         rows, kernel_mask = trained.nonzero().squeeze(1), None

@@ -33,8 +33,6 @@ from hf_shift_loss.loss.eager import (
     TokenLoss,
     apply_token_loss,
     causal_lm_loss,
-    count_correct_tokens,
-    sum_token_entropy,
 )
 from hf_shift_loss.loss.engines import unsharded, zero3_refusal
 from hf_shift_loss.loss.fused import fused_linear_cross_entropy
@@ -46,6 +44,7 @@ from hf_shift_loss.loss.heads import (
     lm_head_returns_hidden_states,
     record_lm_head_input,
 )
+from hf_shift_loss.loss.predictions import count_correct_tokens, sum_token_entropy
 from hf_shift_loss.options import LOSS_IMPLS, LossImpl, LossType, Reduction, check_choice
 
 __all__ = ["EagerLoss", "FusedLoss", "LogitsNotComputedError", "LossResult", "choose_loss_path"]
