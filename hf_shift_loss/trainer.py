@@ -217,6 +217,11 @@ class ShiftLossTrainer(
                 "to call it (evaluation then uses the eager loss, whose logits it needs)"
             )
 
+    def _print_run_summary(self) -> None:
+        """Print :meth:`run_summary` once per job (``accelerator.print`` alone prints once per node)."""
+        if self.is_world_process_zero():
+            self.accelerator.print(self.run_summary())
+
     def run_summary(self) -> str:
         """What this run will do, in a few lines: the loss path and why, what is trained, packing,
         normalization, and each prepared dataset's counts. Printed once when training starts."""

@@ -62,8 +62,7 @@ class NormalizationMixin:
             "Return a mapping (dict or BatchEncoding) with 'labels' or 'shift_labels' from the data_collator",
             self._normalization_problem,
         )
-        if self.is_world_process_zero():
-            print(self.run_summary())
+        self._print_run_summary()
 
     def _data_parallel_scale(self) -> int:
         """Factor that undoes the data-parallel gradient mean when the loss uses the global count."""

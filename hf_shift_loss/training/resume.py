@@ -26,8 +26,7 @@ class ResumeMixin:
         (:func:`hf_shift_loss.checkpoint.check_checkpoint`), then restores the loss metrics saved in it,
         so the resumed run logs exactly what the uninterrupted run logs (``total_trained_tokens``, the
         per-step window, accuracy)."""
-        if self.is_world_process_zero():  # one summary per job: accelerator.print alone prints once per node
-            self.accelerator.print(self.run_summary())
+        self._print_run_summary()
         if self.is_world_process_zero() and self.data_stats:
             os.makedirs(self.args.output_dir, exist_ok=True)
             summary = {name: stats.as_dict() if stats else None for name, stats in self.data_stats.items()}
